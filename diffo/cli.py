@@ -1,0 +1,182 @@
+"""`python -m diffo` / `diffo`: compress, decompress, info, demo, train.
+
+Errors on bad input (missing file, not an image, damaged or foreign stream, wrong model, existing output)
+print one line `diffo: error: …` and exit with status 2; no traceback. Outputs are written atomically and
+never replace an existing file unless --force is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import DiffoError
+
+EXIT_ERROR = 2
+
+
+def _model(args):
+    from .hub import load_model
+
+    return load_model(getattr(args, "model", None))
+
+
+def cmd_compress(args) -> int:
+    from . import pipeline
+    from .bitstream import bits_per_pixel
+    from .fileio import write_atomic
+    from .image import load_image
+
+    src = Path(args.input)
+    out = Path(args.output) if args.output else src.with_suffix(".diffo")
+    if out.exists() and not args.force:  # fail before the (slow) encode
+        raise DiffoError(f"{out} exists; pass --force to overwrite it")
+    image = load_image(src, drop_alpha=args.drop_alpha)  # a bad image fails before the model loads
+    data = pipeline.encode(_model(args), image, rate=args.rate, bpp=args.bpp, max_bytes=args.max_bytes,
+                           seed=args.seed, strength=args.strength)
+    write_atomic(out, data, force=args.force)
+    bs = pipeline.read_header(data)
+    print(f"{out}: {len(data)} bytes, {bits_per_pixel(len(data), bs.width, bs.height):.4f} bpp, "
+          f"{bs.width}x{bs.height}, rate level {bs.rate:.4f}")
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from . import pipeline
+    from .fileio import save_image_atomic
+
+    src = Path(args.input)
+    out = Path(args.output) if args.output else src.with_suffix(".png")
+    if out.exists() and not args.force:
+        raise DiffoError(f"{out} exists; pass --force to overwrite it")
+    data = _read_stream(src)
+    pipeline.read_header(data)  # a damaged file fails before the model loads
+    img = pipeline.decode(_model(args), data, strength=args.strength, seed=args.seed)
+    save_image_atomic(out, img, force=args.force)
+    print(f"{out}: {img.shape[2]}x{img.shape[1]} PNG")
+    return 0
+
+
+def _read_stream(src: Path) -> bytes:
+    if not src.is_file():
+        raise FileNotFoundError(f"file not found: {src}")
+    return src.read_bytes()
+
+
+def cmd_info(args) -> int:
+    from .bitstream import Bitstream
+
+    head = Bitstream.from_bytes(_read_stream(Path(args.input))).header_dict()
+    if args.model:
+        head["made_by_this_model"] = head["fingerprint"] == _model(args).fingerprint.hex()
+    if args.json:
+        print(json.dumps(head, indent=1))
+    else:
+        for k, v in head.items():
+            print(f"{k:>18}: {v}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(image=args.image, out_dir=Path(args.out), model_source=args.model,
+             rates=[float(r) for r in args.rates.split(",")], force=args.force)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training.train import TrainConfig, train
+
+    out = Path(args.out)
+    if (out / "checkpoint" / "progress.json").is_file() and not args.resume:
+        raise DiffoError(f"{out} holds a training checkpoint: pass --resume to continue it, or choose another --out")
+    cfg = TrainConfig(config=args.config, sd_path=args.sd, data=args.data, out=str(out),
+                      minutes={"vae": args.minutes_vae, "codec": args.minutes_codec, "denoiser": args.minutes_denoiser},
+                      steps={"vae": args.steps, "codec": args.steps, "denoiser": args.steps})
+    folder = train(cfg)
+    print(f"model saved to {folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffo", description="DiffO: ultra-low-bitrate image compression, "
+                                "decoded by one diffusion step.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
+    sub = p.add_subparsers(dest="command", required=True)
+    model_help = "model: a local folder, a Hugging Face Hub repo id, or 'default' (the embedded diffo-tiny)"
+
+    c = sub.add_parser("compress", help="image -> .diffo")
+    c.add_argument("input")
+    c.add_argument("-o", "--output", help="output .diffo (default: INPUT with .diffo suffix)")
+    c.add_argument("--model", default=None, help=model_help)
+    g = c.add_mutually_exclusive_group(required=True)
+    g.add_argument("--rate", type=float, help="rate level in [0, 1] (0 = structural base code only)")
+    g.add_argument("--bpp", type=float, help="target bits per pixel (file size, header included)")
+    g.add_argument("--max-bytes", type=int, help="largest file size allowed, in bytes")
+    c.add_argument("--seed", type=int, default=0, help="seed of the decoder noise stored in the stream")
+    c.add_argument("--strength", type=float, default=None, help="override the rate->noise map (0..1)")
+    c.add_argument("--drop-alpha", action="store_true", help="composite transparent images onto white")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output")
+    c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("decompress", help=".diffo -> PNG")
+    d.add_argument("input")
+    d.add_argument("-o", "--output", help="output image (default: INPUT with .png suffix)")
+    d.add_argument("--model", default=None, help=model_help)
+    d.add_argument("--strength", type=float, default=None, help="override the stream's noise strength (0..1)")
+    d.add_argument("--seed", type=int, default=None, help="override the stream's noise seed")
+    d.add_argument("--force", action="store_true", help="overwrite an existing output")
+    d.set_defaults(func=cmd_decompress)
+
+    i = sub.add_parser("info", help="print a .diffo header")
+    i.add_argument("input")
+    i.add_argument("--json", action="store_true", help="JSON output")
+    i.add_argument("--model", default=None, help="also say whether this model made the stream")
+    i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("demo", help="round trip of a sample photo at several rates")
+    m.add_argument("--image", default=None, help="photo to use (default: a sample photo that matplotlib ships)")
+    m.add_argument("--out", default="diffo-demo", help="output folder (default: ./diffo-demo)")
+    m.add_argument("--model", default=None, help=model_help)
+    m.add_argument("--rates", default="0,0.25,0.5,1", help="comma-separated rate levels")
+    m.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    m.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a model (resumable)")
+    t.add_argument("--config", choices=["tiny", "sd"], default="tiny")
+    t.add_argument("--sd", default=None, help="for --config sd: diffusers SD 2.1 / SD-Turbo folder or repo id")
+    t.add_argument("--data", nargs="+", required=True, help="folders of training photos (never Kodak)")
+    t.add_argument("--out", required=True, help="run folder (checkpoints, logs, final model)")
+    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    t.add_argument("--steps", type=int, default=100000, help="max steps per stage")
+    t.add_argument("--minutes-vae", type=float, default=18)
+    t.add_argument("--minutes-codec", type=float, default=10)
+    t.add_argument("--minutes-denoiser", type=float, default=14)
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="diffo: %(message)s")
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and not issubclass(category, FutureWarning):
+            print(f"diffo: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show_warning
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        return args.func(args)
+    except (DiffoError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError) as e:
+        print(f"diffo: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("diffo: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,210 @@
+"""The latent codec of DiffO: a VQ structural base code plus a residual coded with a hyperprior.
+
+    latent (1/8) ─ base encoder ─ VQ ─ indices (1/32) ─ CategoricalPrior ─────────────── stream 0
+          │                             └ embed ┐
+          └──────── g_a(latent, embed) ─ y (1/16) ─ × gain(rate) ─ GaussianConditional ─ stream 2
+                                          └ h_a ─ z (1/64) ─ EntropyBottleneck ────────── stream 1
+    decoder: ĉ = g_s(embed, ŷ)            (means, scales) = h_s(ẑ, embed)  [integer-exact]
+
+Variable rate in one model: the rate level in [0, 1] is carried as a 16-bit integer; level 0 sends the
+base code only, levels above pick a gain vector for y interpolated between `num_gains` learned ones.
+Every quantity the entropy *decoder* needs (scales, means, gains) is computed with integer-exact
+arithmetic (`layers.ExactConv2d`), so decoding never desynchronises across machines.
+(Forward/compress/decompress follow CompressAI's contract; names follow the papers.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .entropy import CategoricalPrior, EntropyBottleneck, gaussian_conditional
+from .layers import WEIGHT_BITS, ExactConv2d, ResBlock, conv, exact_act, to_grid, upconv
+from .vq import VectorQuantizer
+
+GAIN_LIMIT = 64.0
+MAX_RATE_Q = 65535  # rate levels travel as 16-bit integers (see bitstream.py)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+class VQBaseCodec(nn.Module):
+    """latent (1/8 of the image) → codebook indices at 1/32 of the image, coded with a learned prior."""
+
+    downsampling = 4  # relative to the latent
+
+    def __init__(self, latent_channels: int, hidden: int, code_dim: int, codebook_size: int):
+        super().__init__()
+        self.encoder = nn.Sequential(
+            conv(latent_channels, hidden, 3, 2), nn.GELU(), ResBlock(hidden),
+            conv(hidden, hidden, 3, 2), nn.GELU(), conv(hidden, code_dim, 1),
+        )
+        self.quantizer = VectorQuantizer(codebook_size, code_dim)
+        self.prior = CategoricalPrior(codebook_size)
+
+    def forward(self, latent: torch.Tensor):
+        vq = self.quantizer(self.encoder(latent))
+        return vq, self.prior(vq.indices)
+
+    def compress(self, latent: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
+        indices = self.quantizer.nearest(self.encoder(latent))
+        return self.prior.compress(indices), indices
+
+    def decompress(self, strings: list[bytes], shape: tuple[int, int]) -> torch.Tensor:
+        indices = self.prior.decompress(strings, shape)
+        if int(indices.max()) >= self.quantizer.codebook_size:  # only a forged stream gets here
+            raise ValueError("base code index out of range")
+        return indices
+
+
+class HyperpriorResidualCodec(nn.Module):
+    """The residual y (1/16 of the image) given the base code, with a hyperprior z (1/64)."""
+
+    def __init__(self, latent_channels: int, code_dim: int, hidden: int, y_channels: int, z_channels: int,
+                 num_gains: int, gain_min: float, gain_max: float):
+        super().__init__()
+        self.g_a = nn.Sequential(
+            conv(latent_channels + code_dim, hidden, 3, 2), nn.GELU(), ResBlock(hidden), conv(hidden, y_channels),
+        )
+        self.h_a = nn.Sequential(conv(y_channels, hidden, 3, 2), nn.GELU(), conv(hidden, z_channels, 3, 2))
+        # Integer-exact from here on: these layers decide the decoder's CDF indexes.
+        self.h_s1 = ExactConv2d(z_channels, hidden, 3, padding=1)
+        self.h_s2 = ExactConv2d(hidden, hidden, 3, padding=1)
+        self.p1 = ExactConv2d(hidden + code_dim, hidden, 3, padding=1)
+        self.p2 = ExactConv2d(hidden, 2 * y_channels, 1)
+        self.entropy_bottleneck = EntropyBottleneck(z_channels)
+        self.gaussian_conditional = gaussian_conditional()
+        init = torch.exp(torch.linspace(torch.log(torch.tensor(gain_min)), torch.log(torch.tensor(gain_max)),
+                                        num_gains))
+        self.gains = nn.Parameter(init[:, None].repeat(1, y_channels))
+
+    def gain(self, rate_q: int) -> torch.Tensor:
+        """Gain vector [M] of rate level rate_q (1..MAX_RATE_Q), in float64, integer-exact.
+
+        Linear interpolation between neighbouring learned gains; only IEEE-exact scalar operations and a
+        final rounding onto the weight grid, so encoder and decoder agree on any machine."""
+        if not 0 < rate_q <= MAX_RATE_Q:
+            raise ValueError(f"residual rate level must be in 1..{MAX_RATE_Q}, got {rate_q}")
+        g = to_grid(self.gains.double().clamp(2.0**-WEIGHT_BITS, GAIN_LIMIT), WEIGHT_BITS, GAIN_LIMIT)
+        i, rem = divmod(rate_q * (len(g) - 1), MAX_RATE_Q)
+        if i == len(g) - 1:
+            return g[i]
+        return to_grid(g[i] + (g[i + 1] - g[i]) * (rem / MAX_RATE_Q), WEIGHT_BITS, GAIN_LIMIT)
+
+    def entropy_parameters(self, z_hat: torch.Tensor, base_embed: torch.Tensor, gain: torch.Tensor):
+        """(means, scales) of the gained residual y·g. Exact (float64) in eval mode."""
+        h = exact_act(self.h_s1(F.interpolate(to_grid(z_hat), scale_factor=2.0, mode="nearest")))
+        h = exact_act(self.h_s2(F.interpolate(h, scale_factor=2.0, mode="nearest")))
+        e = F.interpolate(to_grid(base_embed), scale_factor=2.0, mode="nearest")
+        means, scales = self.p2(exact_act(self.p1(torch.cat([h, e.to(h.dtype)], 1)))).chunk(2, 1)
+        g = gain.to(means.dtype)[None, :, None, None]
+        return means * g, scales.abs() * g
+
+    def analysis(self, latent: torch.Tensor, base_embed: torch.Tensor) -> torch.Tensor:
+        return self.g_a(torch.cat([latent, F.interpolate(base_embed, scale_factor=4.0, mode="nearest")], 1))
+
+    def forward(self, latent: torch.Tensor, base_embed: torch.Tensor, rate_q: int):
+        """Training pass: ŷ (unit gain, straight-through rounding) and the likelihoods of y and z."""
+        y = self.analysis(latent, base_embed)
+        z = self.h_a(y)
+        _, z_likelihoods = self.entropy_bottleneck(z)
+        medians = self.entropy_bottleneck._get_medians()
+        z_hat = _round_ste(z - medians) + medians
+        g = self.gain(rate_q)
+        means, scales = self.entropy_parameters(z_hat, base_embed, g)
+        g = g.float()[None, :, None, None]
+        _, y_likelihoods = self.gaussian_conditional(y * g, scales.float(), means.float())
+        y_hat = (_round_ste(y * g - means.float()) + means.float()) / g
+        return y_hat, {"y": y_likelihoods, "z": z_likelihoods}
+
+    @torch.no_grad()
+    def compress(self, latent: torch.Tensor, base_embed: torch.Tensor, rate_q: int):
+        y = self.analysis(latent, base_embed)
+        z = self.h_a(y)
+        z_strings = self.entropy_bottleneck.compress(z)
+        z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        means, scales = self.entropy_parameters(z_hat, base_embed, self.gain(rate_q))
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        g = self.gain(rate_q)[None, :, None, None]
+        y_strings = self.gaussian_conditional.compress(y.double() * g, indexes, means=means)
+        return z_strings, y_strings
+
+    @torch.no_grad()
+    def decompress(self, z_strings: list[bytes], y_strings: list[bytes], base_embed: torch.Tensor, rate_q: int,
+                   z_shape: tuple[int, int]) -> torch.Tensor:
+        z_hat = self.entropy_bottleneck.decompress(z_strings, z_shape)
+        g = self.gain(rate_q)
+        means, scales = self.entropy_parameters(z_hat, base_embed, g)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        y_hat = self.gaussian_conditional.decompress(y_strings, indexes, dtype=torch.float64, means=means)
+        return (y_hat / g[None, :, None, None]).float()
+
+
+@dataclass
+class LatentCodecOutput:
+    c_hat: torch.Tensor  # decoded latent estimate ĉ [B, C, h, w]
+    likelihoods: dict  # name -> likelihood tensor, for the rate term
+    vq: object  # VQOutput of the base code
+
+
+class DiffoLatentCodec(nn.Module):
+    """Base + residual latent codec with its synthesis transform g_s (the decoded latent ĉ)."""
+
+    downsampling = 8  # relative to the latent: z sits at 1/8 of it (1/64 of the image)
+
+    def __init__(self, latent_channels: int = 4, hidden: int = 64, code_dim: int = 8, codebook_size: int = 256,
+                 y_channels: int = 64, z_channels: int = 32, num_gains: int = 8, gain_min: float = 0.25,
+                 gain_max: float = 4.0):
+        super().__init__()
+        self.base = VQBaseCodec(latent_channels, hidden, code_dim, codebook_size)
+        self.residual = HyperpriorResidualCodec(latent_channels, code_dim, hidden, y_channels, z_channels,
+                                                num_gains, gain_min, gain_max)
+        self.g_s_base = upconv(code_dim, hidden, 4)
+        self.g_s_residual = upconv(y_channels, hidden, 2)
+        self.g_s = nn.Sequential(nn.GELU(), ResBlock(hidden), ResBlock(hidden), conv(hidden, latent_channels))
+        self.y_channels = y_channels
+
+    def synthesize(self, base_embed: torch.Tensor, y_hat: torch.Tensor | None) -> torch.Tensor:
+        """ĉ from the base code and (unless rate level 0) the residual."""
+        h = self.g_s_base(base_embed)
+        if y_hat is not None:
+            h = h + self.g_s_residual(y_hat)
+        return self.g_s(h)
+
+    def forward(self, latent: torch.Tensor, rate_q: int) -> LatentCodecOutput:
+        vq, index_likelihoods = self.base(latent)
+        likelihoods = {"indices": index_likelihoods}
+        y_hat = None
+        if rate_q > 0:
+            y_hat, lk = self.residual(latent, vq.embed, rate_q)
+            likelihoods.update(lk)
+        return LatentCodecOutput(self.synthesize(vq.embed, y_hat), likelihoods, vq)
+
+    @torch.no_grad()
+    def compress_base(self, latent: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
+        """Base-code strings and indices (one per batch element): the same for every rate level."""
+        return self.base.compress(latent)
+
+    @torch.no_grad()
+    def compress_residual(self, latent: torch.Tensor, indices: torch.Tensor, rate_q: int):
+        """(z strings, y strings) of rate level rate_q > 0."""
+        return self.residual.compress(latent, self.base.quantizer.embed(indices), rate_q)
+
+    @torch.no_grad()
+    def decompress(self, streams: list[tuple[bytes, ...]], latent_shape: tuple[int, int], rate_q: int):
+        """ĉ [B, C, h, w] from per-image streams (base,) or (base, z, y). latent_shape is padded to 8."""
+        h, w = latent_shape
+        s = self.base.downsampling
+        indices = self.base.decompress([st[0] for st in streams], (h // s, w // s))
+        embed = self.base.quantizer.embed(indices)
+        y_hat = None
+        if rate_q > 0:
+            z_shape = (h // self.downsampling, w // self.downsampling)
+            y_hat = self.residual.decompress([st[1] for st in streams], [st[2] for st in streams], embed, rate_q,
+                                             z_shape)
+        return self.synthesize(embed, y_hat)

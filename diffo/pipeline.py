@@ -1,0 +1,206 @@
+"""Bytes in, bytes out: `encode(model, image, rate=|bpp=|max_bytes=) -> bytes`, `decode(model, data) -> image`.
+
+    1. check inputs         image → RGB [3,H,W] in [0,1]; size within the format's limits
+    2. pad                  replicate-pad to the model's multiple (cropped away after decoding)
+    3. analysis             VAE encoder → latent; base code once (it is the same for every rate level)
+    4. rate                 the given level, or a bisection over the 16-bit level for a bpp / byte target
+    5. container            header + sub-streams + CRC (bitstream.py); bpp = 8 × len(bytes) / (H × W)
+Decoding reverses it: container → fingerprint check → entropy decode (ĉ) → control → one-step denoise →
+VAE decoder → crop. Images are decoded one at a time, so a batch gives the same pixels as single calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .bitstream import MAX_PIXELS, MAX_SIDE, Bitstream, bits_per_pixel, dequantize_unit, quantize_unit
+from .codec import DiffoCodec
+from .errors import BitstreamError, DiffoError, ImageInputError, ModelMismatchError
+from .image import crop_to, load_image, pad_to_multiple
+
+Progress = Callable[[int, int], None]
+MAX_RATE_Q = 65535
+
+
+@dataclass
+class EncodedLatent:
+    """What the rate search reuses: the padded latent, the base strings and indices, the image size."""
+
+    latent: torch.Tensor
+    base_string: bytes
+    indices: torch.Tensor
+    size: tuple[int, int]  # original (H, W)
+
+
+def _as_image(image) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ImageInputError(f"expected an RGB tensor [3, H, W], got shape {tuple(image.shape)}")
+        return image.float().clamp(0, 1)
+    return load_image(image)
+
+
+def check_size(h: int, w: int) -> None:
+    if h < 1 or w < 1:
+        raise ImageInputError(f"image is empty ({w}x{h})")
+    if h > MAX_SIDE or w > MAX_SIDE or h * w > MAX_PIXELS:
+        raise ImageInputError(f"image is {w}x{h}; DiffO codes up to {MAX_SIDE} pixels a side and {MAX_PIXELS} in all")
+
+
+@torch.no_grad()
+def analyse(model: DiffoCodec, image) -> EncodedLatent:
+    """Steps 1-3: the part of encoding that does not depend on the rate level."""
+    img = _as_image(image)
+    h, w = img.shape[-2:]
+    check_size(h, w)
+    x, _ = pad_to_multiple(img[None], model.config.pad_multiple)
+    latent = model.encode_latent(x.to(model.device)).float()
+    codec_device = next(model.latent_codec.parameters()).device
+    latent = latent.to(codec_device)
+    strings, indices = model.latent_codec.compress_base(latent)
+    return EncodedLatent(latent, strings[0], indices, (h, w))
+
+
+def _container(model: DiffoCodec, enc: EncodedLatent, rate_q: int, strength: float | None, seed: int) -> bytes:
+    streams: tuple[bytes, ...] = (enc.base_string,)
+    if rate_q > 0:
+        z, y = model.latent_codec.compress_residual(enc.latent, enc.indices, rate_q)
+        streams += (z[0], y[0])
+    if strength is None:
+        strength = model.strength_for_rate(dequantize_unit(rate_q))
+    h, w = enc.size
+    return Bitstream(fingerprint=model.fingerprint, width=w, height=h, rate_q=rate_q,
+                     strength_q=quantize_unit(strength), seed=seed, streams=streams).to_bytes()
+
+
+def _search(build: Callable[[int], bytes], fits: Callable[[bytes], bool]) -> int:
+    """Largest rate level whose stream `fits`, by bisection (stream size grows with the level)."""
+    lo, hi = 0, MAX_RATE_Q
+    if fits(build(hi)):
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(build(mid)):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def encode(model: DiffoCodec, image, *, rate: float | None = None, bpp: float | None = None,
+           max_bytes: int | None = None, seed: int = 0, strength: float | None = None) -> bytes:
+    """Compress `image` (path, PIL image or [3,H,W] tensor in [0,1]) to `.diffo` bytes.
+
+    Exactly one of: `rate` (level in [0, 1]; 0 = base code only), `bpp` (the level whose file is nearest to
+    that many bits per pixel, header included), `max_bytes` (the highest level whose file fits).
+    `strength` overrides the model's rate → noise map; `seed` seeds the decoder's noise."""
+    given = [k for k, v in (("rate", rate), ("bpp", bpp), ("max_bytes", max_bytes)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of rate, bpp, max_bytes (got {given or 'none'})")
+    if not 0 <= int(seed) < 2**32:
+        raise ValueError(f"seed must be in 0..2^32-1, got {seed}")
+    if strength is not None:
+        quantize_unit(strength)  # validates
+    enc = analyse(model, image)
+    cache: dict[int, bytes] = {}
+
+    def build(q: int) -> bytes:
+        if q not in cache:
+            cache[q] = _container(model, enc, q, strength, int(seed))
+        return cache[q]
+
+    h, w = enc.size
+    if rate is not None:
+        return build(quantize_unit(rate))
+    if max_bytes is not None:
+        if int(max_bytes) != max_bytes or max_bytes < 1:
+            raise ValueError(f"max_bytes must be a positive integer, got {max_bytes}")
+        q = _search(build, lambda b: len(b) <= max_bytes)
+        if len(build(q)) > max_bytes:
+            raise ValueError(f"cannot fit this {w}x{h} image in {max_bytes} bytes: the smallest stream "
+                             f"(base code only) takes {len(build(0))} bytes")
+        return build(q)
+    if not bpp > 0:
+        raise ValueError(f"bpp must be positive, got {bpp}")
+    target = bpp * h * w / 8
+    q = _search(build, lambda b: len(b) <= target)
+    candidates = [q] + ([q + 1] if q < MAX_RATE_Q else [])
+    return min((build(c) for c in candidates), key=lambda b: abs(len(b) - target))
+
+
+def read_header(data: bytes) -> Bitstream:
+    return Bitstream.from_bytes(bytes(data))
+
+
+@torch.no_grad()
+def entropy_decode(model: DiffoCodec, data: bytes | Bitstream) -> tuple[Bitstream, torch.Tensor]:
+    """Container → (header, ĉ [1, C, h, w] at the padded latent size). Checks the model fingerprint."""
+    bs = data if isinstance(data, Bitstream) else read_header(data)
+    if bs.fingerprint != model.fingerprint:
+        raise ModelMismatchError(
+            f"this stream was made by model {bs.fingerprint.hex()}, but the loaded model "
+            f"'{model.config.name}' is {model.fingerprint.hex()}: load the model that made it")
+    m = model.config.pad_multiple
+    lh, lw = -(-bs.height // m) * m // 8, -(-bs.width // m) * m // 8
+    try:
+        c_hat = model.latent_codec.decompress([bs.streams], (lh, lw), bs.rate_q)
+    except DiffoError:
+        raise
+    except Exception as e:  # the rANS decoder or a shape check met data no encoder wrote
+        raise BitstreamError(f"the entropy-coded data is damaged or forged ({type(e).__name__}: {e})") from e
+    return bs, c_hat
+
+
+def decoder_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The decoder's noise [1, C, h, w]: drawn on the CPU from the header's seed, the same on every device."""
+    return torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(seed)))
+
+
+def reproducible(fast: bool = False):
+    """Context for the float networks of decoding. By default oneDNN (mkldnn) is off on the CPU: its
+    convolutions change their summation order with the thread count, so pixels would differ between a
+    1-thread and a 2-thread decode. im2col + GEMM gives identical pixels, about 2x slower; `fast=True`
+    keeps oneDNN (pixels then agree only to float rounding). Entropy decoding is exact either way."""
+    return torch.backends.mkldnn.flags(enabled=fast)
+
+
+@torch.no_grad()
+def decode(model: DiffoCodec, data: bytes, *, strength: float | None = None, seed: int | None = None,
+           denoise: bool = True, fast: bool = False) -> torch.Tensor:
+    """`.diffo` bytes → image [3, H, W] in [0, 1]. `strength`/`seed` override the stream's noise settings;
+    `denoise=False` skips the diffusion step (VAE-decodes ĉ directly: the ablation); `fast`: see
+    `reproducible`."""
+    bs, c_hat = entropy_decode(model, data)
+    if strength is not None:
+        quantize_unit(strength)
+    with reproducible(fast):
+        latent = latent_from_c_hat(model, c_hat, bs.strength if strength is None else strength,
+                                   bs.seed if seed is None else seed) if denoise else c_hat
+        img = model.decode_latent(latent.to(model.device))
+    return crop_to(img, (bs.height, bs.width))[0].cpu()
+
+
+@torch.no_grad()
+def latent_from_c_hat(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int) -> torch.Tensor:
+    """Control + one-step denoise: ĉ → clean latent ẑ₀."""
+    c_hat = c_hat.to(model.device)
+    ctrl = model.control(c_hat, strength, decoder_noise(tuple(c_hat.shape[1:]), seed))
+    return model.denoise(ctrl)
+
+
+def decode_batch(model: DiffoCodec, streams: list[bytes], progress: Progress | None = None, **kw) -> list[torch.Tensor]:
+    out = []
+    for i, data in enumerate(streams):
+        out.append(decode(model, data, **kw))
+        if progress:
+            progress(i + 1, len(streams))
+    return out
+
+
+def bpp_of(data: bytes) -> float:
+    bs = read_header(data)
+    return bits_per_pixel(len(data), bs.width, bs.height)

@@ -1,0 +1,1 @@
+"""Training of DiffO models: `python -m diffo train` (see train.py)."""

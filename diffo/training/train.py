@@ -1,0 +1,325 @@
+"""`python -m diffo train`: the staged training of a DiffO model, resumable at any point.
+
+Stages (as the methods describe them; each has a step count and a time budget, whichever ends first):
+  1. vae       latent space: the VAE alone on pixel crops (skipped for the 'sd' config: SD's VAE is kept)
+  2. latents   encode every training photo once; set the latent scaling factor (1/std)
+  3. codec     latent codec on cached latent crops: rate + λ(rate)·distortion + VQ codebook/commitment,
+               rate level sampled per batch (one model for all rates), dead codes restarted
+  4. denoiser  control module + one-step UNet on the codec's real (rounded) output ĉ at the noise level of
+               the sampled rate: latent MSE + adversarial loss of a discriminator in the UNet's feature space
+  5. final     entropy tables built, model saved (config.json + safetensors + model card)
+Checkpoints (safetensors) are written every few minutes into OUT/checkpoint; `--resume` continues there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..codec import DiffoCodec
+from ..discriminator import UNetFeatureDiscriminator
+from ..latent_codec import MAX_RATE_Q
+from . import checkpoint as ckpt
+from .data import CropSampler, LatentCropSampler, list_images, split_holdout, load_rgb
+
+logger = logging.getLogger(__name__)
+STAGES = ["vae", "latents", "codec", "denoiser", "final"]
+
+
+@dataclass
+class TrainConfig:
+    config: str = "tiny"
+    sd_path: str | None = None
+    data: list = field(default_factory=list)
+    out: str = "runs/diffo-tiny"
+    minutes: dict = field(default_factory=lambda: {"vae": 22, "codec": 14, "denoiser": 18})
+    steps: dict = field(default_factory=lambda: {"vae": 100000, "codec": 100000, "denoiser": 100000})
+    vae_crop: int = 128
+    vae_batch: int = 8
+    latent_crop: int = 32  # in latent pixels (x8 image pixels)
+    latent_batch: int = 16
+    lr: dict = field(default_factory=lambda: {"vae": 4e-4, "codec": 2e-4, "denoiser": 2e-4})
+    lambda_min: float = 0.1  # distortion weight at rate level 0 ...
+    lambda_max: float = 4.0  # ... and at 1 (geometric in between)
+    base_only_prob: float = 0.25
+    adv_weight: float = 1e-2
+    adv_start: float = 0.4  # fraction of the denoiser stage before the discriminator joins
+    checkpoint_minutes: float = 3.0
+    seed: int = 0
+
+
+def _lambda(cfg: TrainConfig, rate_q: int) -> float:
+    r = rate_q / MAX_RATE_Q
+    return cfg.lambda_min * (cfg.lambda_max / cfg.lambda_min) ** r
+
+
+def _sample_rate(rng: random.Random, cfg: TrainConfig) -> int:
+    return 0 if rng.random() < cfg.base_only_prob else rng.randint(1, MAX_RATE_Q)
+
+
+def _bits(likelihoods: dict) -> torch.Tensor:
+    return sum(-torch.log2(v).sum() for v in likelihoods.values())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.ckdir = self.out / "checkpoint"
+        self.acc = Accelerator(cpu=not torch.cuda.is_available())
+        torch.manual_seed(cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        if cfg.config == "tiny":
+            self.model = DiffoCodec.from_preset("tiny")
+        elif cfg.config == "sd":
+            if not cfg.sd_path:
+                raise ValueError("--config sd needs --sd PATH_OR_REPO (a diffusers SD 2.1 / SD-Turbo checkpoint)")
+            self.model = DiffoCodec.from_sd(cfg.sd_path)
+        else:
+            raise ValueError(f"unknown --config {cfg.config!r}: use tiny or sd")
+        files = list_images(cfg.data)
+        self.train_files, self.held_files = split_holdout(files)
+        logger.info("%d training photos, %d held out", len(self.train_files), len(self.held_files))
+        self.progress = {"stage": "vae" if cfg.config == "tiny" else "latents", "step": 0, "seconds": {},
+                         "log": []}
+        self.disc: UNetFeatureDiscriminator | None = None
+        if (self.ckdir / "progress.json").is_file():
+            self._resume()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume(self):
+        self.progress = ckpt.load_progress(self.ckdir)
+        ckpt.load_module(self.ckdir, "model", self.model)
+        logger.info("resumed at stage %s step %d", self.progress["stage"], self.progress["step"])
+
+    def _save(self, optimizers: dict, extra_modules: dict | None = None):
+        mods = {"model": self.model, **(extra_modules or {})}
+        ckpt.save_checkpoint(self.ckdir, mods, optimizers, self.progress)
+
+    def _log(self, **row):
+        row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
+        self.progress["log"].append(row)
+        with open(self.out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------ generic loop
+    def _loop(self, stage: str, params, step_fn, optimizers_extra=None, extra_modules=None, on_resume=None):
+        cfg = self.cfg
+        opt = torch.optim.AdamW(params, lr=cfg.lr[stage], weight_decay=0.0)
+        opts = {stage: opt, **(optimizers_extra or {})}
+        resumed = self.progress["stage"] == stage and self.progress["step"] > 0
+        if resumed:
+            for name, o in opts.items():
+                ckpt.load_optimizer(self.ckdir, name, o)
+            if on_resume:
+                on_resume()
+        else:
+            self.progress.update(stage=stage, step=0)
+        budget = cfg.minutes.get(stage, 10) * 60
+        spent = self.progress["seconds"].get(stage, 0.0)
+        total = cfg.steps.get(stage, 10**6)
+        bar = tqdm(total=total, initial=self.progress["step"], desc=stage, mininterval=5, dynamic_ncols=True)
+        last_ck = time.time()
+        t0 = time.time() - spent
+        while self.progress["step"] < total and time.time() - t0 < budget:
+            self.model.train()
+            stats = step_fn(self.progress["step"], opt, opts)
+            self.progress["step"] += 1
+            bar.update(1)
+            if self.progress["step"] % 25 == 0:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()})
+                self._log(stage=stage, step=self.progress["step"], t=round(time.time() - t0), **stats)
+            if time.time() - last_ck > cfg.checkpoint_minutes * 60:
+                self.progress["seconds"][stage] = time.time() - t0
+                self._save(opts, extra_modules() if extra_modules else None)
+                last_ck = time.time()
+        bar.close()
+        self.progress["seconds"][stage] = time.time() - t0
+        logger.info("stage %s done: %d steps in %.0f s", stage, self.progress["step"], time.time() - t0)
+
+    def _next_stage(self, stage: str):
+        self.progress.update(stage=STAGES[STAGES.index(stage) + 1], step=0)
+        self._save({})
+
+    # ------------------------------------------------------------------ stages
+    def stage_vae(self):
+        cfg = self.cfg
+        sampler = CropSampler(self.train_files, cfg.vae_crop, seed=cfg.seed + self.progress["step"])
+        vae = self.model.vae
+
+        def step(i, opt, _):
+            x = sampler.batch(cfg.vae_batch) * 2 - 1
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+            l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
+            kl = post.kl().mean() / x[0].numel()
+            loss = l1 + mse + 1e-4 * kl
+            opt.zero_grad(set_to_none=True)
+            self.acc.backward(loss)
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            return {"l1": l1.item(), "psnr": 10 * math.log10(4 / max(mse.item(), 1e-10)), "kl": kl.item()}
+
+        self._loop("vae", vae.parameters(), step)
+        self._next_stage("vae")
+
+    @torch.no_grad()
+    def stage_latents(self):
+        """Encode every training photo (and a half-size copy of the large ones) once."""
+        self.model.eval()
+        lat = []
+        for p in tqdm(self.train_files, desc="latents", mininterval=5):
+            img = load_rgb(p).float()[None] / 255
+            views = [img]
+            if min(img.shape[-2:]) >= 512:
+                views.append(F.interpolate(img, scale_factor=0.5, mode="area"))
+            for v in views:
+                h, w = (v.shape[-2] // 8) * 8, (v.shape[-1] // 8) * 8
+                dist = self.model.vae.encode(v[..., :h, :w] * 2 - 1).latent_dist
+                lat.append(dist.mode()[0])
+        std = torch.cat([z.flatten() for z in lat]).std().item()
+        self.model.vae.register_to_config(scaling_factor=1.0 / std)
+        sf = self.model.vae.config.scaling_factor
+        from safetensors.torch import save_file
+
+        save_file({f"{i}": (z * sf).contiguous() for i, z in enumerate(lat)}, self.out / "latents.safetensors")
+        self._log(stage="latents", count=len(lat), scaling_factor=sf)
+        self.progress["scaling_factor"] = sf
+        self._next_stage("latents")
+
+    def _latent_sampler(self) -> LatentCropSampler:
+        from safetensors.torch import load_file
+
+        sf = self.progress.get("scaling_factor")
+        if sf:
+            self.model.vae.register_to_config(scaling_factor=sf)
+        cache = load_file(self.out / "latents.safetensors")
+        return LatentCropSampler([cache[k] for k in sorted(cache, key=int)], self.cfg.latent_crop,
+                                 seed=self.cfg.seed + self.progress["step"])
+
+    def stage_codec(self):
+        cfg = self.cfg
+        sampler = self._latent_sampler()
+        codec = self.model.latent_codec
+        main = [p for n, p in codec.named_parameters() if not n.endswith("quantiles")]
+        aux = [p for n, p in codec.named_parameters() if n.endswith("quantiles")]
+        aux_opt = torch.optim.Adam(aux, lr=1e-3)
+
+        def step(i, opt, _):
+            z = sampler.batch(cfg.latent_batch)
+            rate_q = _sample_rate(self.rng, cfg)
+            out = codec(z, rate_q)
+            pixels = z.shape[0] * (z.shape[-2] * 8) * (z.shape[-1] * 8)
+            bpp = _bits(out.likelihoods) / pixels
+            mse = F.mse_loss(out.c_hat, z)
+            loss = bpp + _lambda(cfg, rate_q) * mse + out.vq.codebook_loss + 0.25 * out.vq.commitment_loss
+            opt.zero_grad(set_to_none=True)
+            self.acc.backward(loss)
+            torch.nn.utils.clip_grad_norm_(main, 1.0)
+            opt.step()
+            aux_loss = codec.residual.entropy_bottleneck.loss()
+            aux_opt.zero_grad(set_to_none=True)
+            aux_loss.backward()
+            aux_opt.step()
+            dead = 0
+            if (i + 1) % 100 == 0:
+                with torch.no_grad():
+                    dead = codec.base.quantizer.restart_dead_codes(codec.base.encoder(sampler.batch(64)))
+            return {"rate": rate_q / MAX_RATE_Q, "bpp": bpp.item(), "mse": mse.item(), "dead": dead}
+
+        self._loop("codec", main, step, optimizers_extra={"aux": aux_opt})
+        self._next_stage("codec")
+
+    def stage_denoiser(self):
+        cfg = self.cfg
+        sampler = self._latent_sampler()
+        den = self.model.denoiser
+        self.model.latent_codec.requires_grad_(False)
+        if cfg.config == "sd":  # OSDiff: the UNet stays frozen, control module (and prompt) train
+            den.unet.requires_grad_(False)
+        gen_params = [p for p in den.parameters() if p.requires_grad]
+        disc_opt = None
+        total_steps = cfg.steps["denoiser"]
+        budget = cfg.minutes["denoiser"] * 60
+
+        def ensure_disc():
+            if self.disc is None:
+                self.disc = UNetFeatureDiscriminator(den)
+                ckpt.load_module(self.ckdir, "disc", self.disc)
+                nonlocal disc_opt
+                disc_opt = torch.optim.AdamW(self.disc.heads.parameters(), lr=cfg.lr["denoiser"], betas=(0.5, 0.999))
+                ckpt.load_optimizer(self.ckdir, "disc", disc_opt)
+            return self.disc
+
+        def step(i, opt, opts):
+            z = sampler.batch(cfg.latent_batch)
+            rate_q = _sample_rate(self.rng, cfg)
+            with torch.no_grad():
+                self.model.latent_codec.eval()
+                c_hat = self.model.latent_codec(z, rate_q).c_hat  # eval: real rounding, as at decode time
+            t_val = self.model.timestep_for_strength(self.model.strength_for_rate(rate_q / MAX_RATE_Q))
+            t = torch.full((len(z),), t_val, dtype=torch.long)
+            x0 = den(c_hat, t, torch.randn_like(z))
+            mse = F.mse_loss(x0, z)
+            loss = mse
+            stats = {"rate": rate_q / MAX_RATE_Q, "mse": mse.item(),
+                     "mse_in": F.mse_loss(c_hat, z).item()}
+            if i >= cfg.adv_start * total_steps or (time.time() - self._den_t0) > cfg.adv_start * budget:
+                disc = ensure_disc()
+                opts["disc"] = disc_opt
+                td = torch.randint(0, den.num_train_timesteps // 2, (len(z),))
+                noise = torch.randn_like(z)
+                fake = den.add_noise(x0, td, noise)
+                g_adv = sum(F.softplus(-l).mean() for l in disc(fake, td))
+                loss = loss + cfg.adv_weight * g_adv
+                stats["g_adv"] = g_adv.item()
+            opt.zero_grad(set_to_none=True)
+            self.acc.backward(loss)
+            torch.nn.utils.clip_grad_norm_(gen_params, 1.0)
+            opt.step()
+            if self.disc is not None:
+                real = den.add_noise(z, td, noise)
+                d_loss = sum(F.softplus(-lr).mean() + F.softplus(lf).mean()
+                             for lr, lf in zip(self.disc(real, td), self.disc(fake.detach(), td)))
+                disc_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_opt.step()
+                stats["d_loss"] = d_loss.item()
+            return stats
+
+        self._den_t0 = time.time() - self.progress["seconds"].get("denoiser", 0)
+        self._loop("denoiser", gen_params, step,
+                   extra_modules=lambda: {"disc": self.disc} if self.disc is not None else {})
+        self._next_stage("denoiser")
+
+    def stage_final(self) -> Path:
+        self.model.eval()
+        self.model.update()
+        folder = self.model.save_pretrained(self.out / "model", half_precision=True)
+        logger.info("saved %s (fingerprint %s)", folder, self.model.fingerprint.hex())
+        return folder
+
+    def run(self) -> Path:
+        while True:
+            stage = self.progress["stage"]
+            if stage == "final":
+                return self.stage_final()
+            getattr(self, f"stage_{stage}")()
+
+
+def train(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    return Trainer(cfg).run()

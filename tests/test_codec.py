@@ -1,0 +1,143 @@
+"""Model blocks: shapes, the integer-exact entropy path, the noise map, the 'sd' scale from a diffusers checkpoint."""
+
+import json
+
+import pytest
+import torch
+
+from diffo.codec import DiffoCodec, TINY_UNET, TINY_VAE
+from diffo.errors import ModelLoadError
+from diffo.latent_codec import MAX_RATE_Q
+from diffo.layers import ExactConv2d
+from diffo.noise import check_noise_map, strength_for_rate
+
+
+def test_forward_shapes_and_likelihoods(tiny_model):
+    lat = torch.randn(2, 4, 16, 24)
+    tiny_model.latent_codec.train()
+    try:
+        out = tiny_model.latent_codec(lat, 30000)
+    finally:
+        tiny_model.latent_codec.eval()
+    assert out.c_hat.shape == lat.shape
+    assert set(out.likelihoods) == {"indices", "y", "z"}
+    base_only = tiny_model.latent_codec(lat, 0)
+    assert set(base_only.likelihoods) == {"indices"}
+
+
+def test_exact_conv_is_independent_of_batch_and_threads():
+    torch.manual_seed(1)
+    conv = ExactConv2d(8, 16, 3, padding=1).eval()
+    x = torch.round(torch.randn(4, 8, 12, 12) * 256) / 256
+    full = conv(x)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = torch.cat([conv(x[i:i + 1]) for i in range(4)])
+    finally:
+        torch.set_num_threads(threads)
+    assert full.dtype == torch.float64
+    assert torch.equal(full, single)
+    # values are on the activation grid
+    assert torch.equal(full * 256, torch.round(full * 256))
+
+
+def test_residual_strings_do_not_depend_on_batch(tiny_model):
+    torch.manual_seed(2)
+    lat = torch.randn(4, 4, 16, 16)
+    lc = tiny_model.latent_codec
+    strings, idx = lc.compress_base(lat)
+    z4, y4 = lc.compress_residual(lat, idx, 40000)
+    for i in range(4):
+        z1, y1 = lc.compress_residual(lat[i:i + 1], idx[i:i + 1], 40000)
+        assert (z1[0], y1[0]) == (z4[i], y4[i])
+    c4 = lc.decompress([(strings[i], z4[i], y4[i]) for i in range(4)], (16, 16), 40000)
+    c1 = lc.decompress([(strings[0], z4[0], y4[0])], (16, 16), 40000)
+    assert torch.allclose(c4[:1], c1, atol=1e-5)
+
+
+def test_gain_interpolation_is_monotone_in_level_and_exact(tiny_model):
+    r = tiny_model.latent_codec.residual
+    gains = [r.gain(q) for q in (1, 10000, 30000, MAX_RATE_Q)]
+    assert all(g.dtype == torch.float64 for g in gains)
+    assert torch.equal(r.gain(12345), r.gain(12345))
+    with pytest.raises(ValueError):
+        r.gain(0)
+
+
+def test_noise_map_validation():
+    check_noise_map([0.0, 1.0], [0.5, 0.15])
+    assert strength_for_rate(0.0, [0, 1], [0.5, 0.1]) == 0.5
+    assert strength_for_rate(1.0, [0, 1], [0.5, 0.1]) == pytest.approx(0.1)
+    levels = [strength_for_rate(r / 10, [0, 0.5, 1], [0.6, 0.3, 0.1]) for r in range(11)]
+    assert levels == sorted(levels, reverse=True)
+    for rates, strengths in [([0, 1], [0.1, 0.5]), ([0.2, 1], [0.5, 0.1]), ([0, 1], [1.5, 0.1])]:
+        with pytest.raises(ValueError):
+            check_noise_map(rates, strengths)
+
+
+def test_save_and_load_round_trip(tiny_model, tmp_path):
+    folder = tiny_model.save_pretrained(tmp_path / "m", model_card="# card")
+    loaded = DiffoCodec.from_pretrained(folder)
+    assert loaded.fingerprint == tiny_model.fingerprint
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_unbuilt_tables_refuse_to_save(tmp_path):
+    with pytest.raises(ValueError, match="update"):
+        DiffoCodec.from_preset("tiny").save_pretrained(tmp_path / "x")
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        DiffoCodec.from_preset("huge")
+
+
+@pytest.fixture(scope="module")
+def sd_checkpoint(tmp_path_factory):
+    """A tiny randomly initialised checkpoint in diffusers' Stable Diffusion layout (vae/, unet/, scheduler/)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    AutoencoderKL(**{**TINY_VAE, "block_out_channels": [16, 16, 16, 16], "norm_num_groups": 8}).save_pretrained(root / "vae")
+    UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    ).save_pretrained(root / "unet")
+    DDPMScheduler(prediction_type="v_prediction").save_pretrained(root / "scheduler")
+    return root
+
+
+def test_sd_scale_from_diffusers_checkpoint(sd_checkpoint, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from diffo import pipeline
+
+    model = DiffoCodec.from_sd(sd_checkpoint, latent_codec_config=dict(hidden=16, code_dim=4, codebook_size=16,
+                                                                        y_channels=8, z_channels=8, num_gains=2))
+    assert model.config.prediction_type == "v_prediction"
+    assert model.denoiser.prompt_embeds.shape == (1, 77, 32)
+    ref = UNet2DConditionModel.from_pretrained(sd_checkpoint / "unet")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, model.denoiser.unet.state_dict()[k]), k
+    # the control module starts as a copy of the UNet's encoder
+    assert torch.equal(model.denoiser.controlnet.conv_in.weight, ref.conv_in.weight)
+    model.eval().update()
+    img = torch.rand(3, 40, 56)
+    data = pipeline.encode(model, img, rate=0.5)
+    out = pipeline.decode(model, data)
+    assert out.shape == img.shape
+    loaded = DiffoCodec.from_pretrained(model.save_pretrained(tmp_path / "sd"))
+    assert torch.equal(pipeline.decode(loaded, data), out)
+
+
+def test_wrong_class_in_config(tmp_path, tiny_model):
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["_class_name"] = "UNet2DModel"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="not a DiffO model"):
+        DiffoCodec.from_pretrained(folder)
