@@ -33,6 +33,25 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def valid_extent(latent_valid: tuple[int, int], factor: int) -> tuple[int, int]:
+    """How many positions at `factor`× below the latent touch the image (the rest is padding)."""
+    return (-(-latent_valid[0] // factor), -(-latent_valid[1] // factor))
+
+
+def fill_padding(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Extend the coded window x [B, C, h, w] to `size` by repeating its last row/column.
+
+    Only the window that covers the image is entropy coded; encoder and decoder both fill the padding
+    this way, so padding costs no bytes."""
+    ph, pw = size[0] - x.shape[-2], size[1] - x.shape[-1]
+    if ph == 0 and pw == 0:
+        return x
+    dtype = x.dtype
+    y = x if x.is_floating_point() else x.double()
+    y = F.pad(y, (0, pw, 0, ph), mode="replicate")
+    return y.to(dtype)
+
+
 class VQBaseCodec(nn.Module):
     """latent (1/8 of the image) → codebook indices at 1/32 of the image, coded with a learned prior."""
 
@@ -51,15 +70,27 @@ class VQBaseCodec(nn.Module):
         vq = self.quantizer(self.encoder(latent))
         return vq, self.prior(vq.indices)
 
-    def compress(self, latent: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
-        indices = self.quantizer.nearest(self.encoder(latent))
-        return self.prior.compress(indices), indices
+    @staticmethod
+    def coded_window(valid: tuple[int, int]) -> tuple[int, int]:
+        """The window of indices that is coded: `valid`, but never a single symbol, because CompressAI's
+        rANS encoder (1.2.8) crashes on one-symbol strings. The base grid is always at least 2x2."""
+        return (valid[0], max(valid[1], 2)) if valid[0] * valid[1] == 1 else valid
 
-    def decompress(self, strings: list[bytes], shape: tuple[int, int]) -> torch.Tensor:
-        indices = self.prior.decompress(strings, shape)
+    def compress(self, latent: torch.Tensor, valid: tuple[int, int]) -> tuple[list[bytes], torch.Tensor]:
+        """Strings of the indices inside the `valid` window; indices [B, h, w] with the padding filled."""
+        valid = self.coded_window(valid)
+        indices = self.quantizer.nearest(self.encoder(latent))[:, :valid[0], :valid[1]]
+        strings = self.prior.compress(indices)
+        return strings, fill_padding(indices[:, None], self._shape(latent))[:, 0]
+
+    def _shape(self, latent: torch.Tensor) -> tuple[int, int]:
+        return latent.shape[-2] // self.downsampling, latent.shape[-1] // self.downsampling
+
+    def decompress(self, strings: list[bytes], valid: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+        indices = self.prior.decompress(strings, self.coded_window(valid))
         if int(indices.max()) >= self.quantizer.codebook_size:  # only a forged stream gets here
             raise ValueError("base code index out of range")
-        return indices
+        return fill_padding(indices[:, None], shape)[:, 0]
 
 
 class HyperpriorResidualCodec(nn.Module):
@@ -123,25 +154,36 @@ class HyperpriorResidualCodec(nn.Module):
         return y_hat, {"y": y_likelihoods, "z": z_likelihoods}
 
     @torch.no_grad()
-    def compress(self, latent: torch.Tensor, base_embed: torch.Tensor, rate_q: int):
+    def compress(self, latent: torch.Tensor, base_embed: torch.Tensor, rate_q: int, latent_valid: tuple[int, int]):
+        """(z strings, y strings): only the windows of z and y that cover the image are coded."""
         y = self.analysis(latent, base_embed)
         z = self.h_a(y)
-        z_strings = self.entropy_bottleneck.compress(z)
-        z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
-        means, scales = self.entropy_parameters(z_hat, base_embed, self.gain(rate_q))
+        zv, yv = valid_extent(latent_valid, 8), valid_extent(latent_valid, 2)
+        z_strings = self.entropy_bottleneck.compress(z[..., :zv[0], :zv[1]].contiguous())
+        z_hat = fill_padding(self.entropy_bottleneck.decompress(z_strings, zv), z.shape[-2:])
+        g = self.gain(rate_q)
+        means, scales = self.entropy_parameters(z_hat, base_embed, g)
         indexes = self.gaussian_conditional.build_indexes(scales)
-        g = self.gain(rate_q)[None, :, None, None]
-        y_strings = self.gaussian_conditional.compress(y.double() * g, indexes, means=means)
+        win = (..., slice(0, yv[0]), slice(0, yv[1]))
+        y_g = y.double() * g[None, :, None, None]
+        y_strings = self.gaussian_conditional.compress(y_g[win].contiguous(), indexes[win].contiguous(),
+                                                       means=means[win].contiguous())
         return z_strings, y_strings
 
     @torch.no_grad()
     def decompress(self, z_strings: list[bytes], y_strings: list[bytes], base_embed: torch.Tensor, rate_q: int,
-                   z_shape: tuple[int, int]) -> torch.Tensor:
-        z_hat = self.entropy_bottleneck.decompress(z_strings, z_shape)
+                   latent_valid: tuple[int, int]) -> torch.Tensor:
+        """ŷ (unit gain) [B, M, h/2, w/2] of the latent grid, its padding filled."""
+        lh, lw = base_embed.shape[-2] * 4, base_embed.shape[-1] * 4
+        zv, yv = valid_extent(latent_valid, 8), valid_extent(latent_valid, 2)
+        z_hat = fill_padding(self.entropy_bottleneck.decompress(z_strings, zv), (lh // 8, lw // 8))
         g = self.gain(rate_q)
         means, scales = self.entropy_parameters(z_hat, base_embed, g)
-        indexes = self.gaussian_conditional.build_indexes(scales)
-        y_hat = self.gaussian_conditional.decompress(y_strings, indexes, dtype=torch.float64, means=means)
+        win = (..., slice(0, yv[0]), slice(0, yv[1]))
+        indexes = self.gaussian_conditional.build_indexes(scales)[win].contiguous()
+        y_hat = self.gaussian_conditional.decompress(y_strings, indexes, dtype=torch.float64,
+                                                     means=means[win].contiguous())
+        y_hat = fill_padding(y_hat, (lh // 2, lw // 2))
         return (y_hat / g[None, :, None, None]).float()
 
 
@@ -185,26 +227,28 @@ class DiffoLatentCodec(nn.Module):
             likelihoods.update(lk)
         return LatentCodecOutput(self.synthesize(vq.embed, y_hat), likelihoods, vq)
 
+    # `latent_valid` is the part of the (padded) latent that covers the image: ceil(H/8) x ceil(W/8).
     @torch.no_grad()
-    def compress_base(self, latent: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
+    def compress_base(self, latent: torch.Tensor, latent_valid: tuple[int, int]) -> tuple[list[bytes], torch.Tensor]:
         """Base-code strings and indices (one per batch element): the same for every rate level."""
-        return self.base.compress(latent)
+        return self.base.compress(latent, valid_extent(latent_valid, self.base.downsampling))
 
     @torch.no_grad()
-    def compress_residual(self, latent: torch.Tensor, indices: torch.Tensor, rate_q: int):
+    def compress_residual(self, latent: torch.Tensor, indices: torch.Tensor, rate_q: int,
+                          latent_valid: tuple[int, int]):
         """(z strings, y strings) of rate level rate_q > 0."""
-        return self.residual.compress(latent, self.base.quantizer.embed(indices), rate_q)
+        return self.residual.compress(latent, self.base.quantizer.embed(indices), rate_q, latent_valid)
 
     @torch.no_grad()
-    def decompress(self, streams: list[tuple[bytes, ...]], latent_shape: tuple[int, int], rate_q: int):
+    def decompress(self, streams: list[tuple[bytes, ...]], latent_shape: tuple[int, int], rate_q: int,
+                   latent_valid: tuple[int, int]):
         """ĉ [B, C, h, w] from per-image streams (base,) or (base, z, y). latent_shape is padded to 8."""
         h, w = latent_shape
         s = self.base.downsampling
-        indices = self.base.decompress([st[0] for st in streams], (h // s, w // s))
+        indices = self.base.decompress([st[0] for st in streams], valid_extent(latent_valid, s), (h // s, w // s))
         embed = self.base.quantizer.embed(indices)
         y_hat = None
         if rate_q > 0:
-            z_shape = (h // self.downsampling, w // self.downsampling)
             y_hat = self.residual.decompress([st[1] for st in streams], [st[2] for st in streams], embed, rate_q,
-                                             z_shape)
+                                             latent_valid)
         return self.synthesize(embed, y_hat)

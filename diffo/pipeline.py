@@ -35,6 +35,15 @@ class EncodedLatent:
     indices: torch.Tensor
     size: tuple[int, int]  # original (H, W)
 
+    @property
+    def latent_valid(self) -> tuple[int, int]:
+        return latent_valid(*self.size)
+
+
+def latent_valid(h: int, w: int) -> tuple[int, int]:
+    """The latent positions that cover an H x W image (the rest is padding, never coded)."""
+    return -(-h // 8), -(-w // 8)
+
 
 def _as_image(image) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
@@ -61,14 +70,14 @@ def analyse(model: DiffoCodec, image) -> EncodedLatent:
     latent = model.encode_latent(x.to(model.device)).float()
     codec_device = next(model.latent_codec.parameters()).device
     latent = latent.to(codec_device)
-    strings, indices = model.latent_codec.compress_base(latent)
+    strings, indices = model.latent_codec.compress_base(latent, latent_valid(h, w))
     return EncodedLatent(latent, strings[0], indices, (h, w))
 
 
 def _container(model: DiffoCodec, enc: EncodedLatent, rate_q: int, strength: float | None, seed: int) -> bytes:
     streams: tuple[bytes, ...] = (enc.base_string,)
     if rate_q > 0:
-        z, y = model.latent_codec.compress_residual(enc.latent, enc.indices, rate_q)
+        z, y = model.latent_codec.compress_residual(enc.latent, enc.indices, rate_q, enc.latent_valid)
         streams += (z[0], y[0])
     if strength is None:
         strength = model.strength_for_rate(dequantize_unit(rate_q))
@@ -147,7 +156,7 @@ def entropy_decode(model: DiffoCodec, data: bytes | Bitstream) -> tuple[Bitstrea
     m = model.config.pad_multiple
     lh, lw = -(-bs.height // m) * m // 8, -(-bs.width // m) * m // 8
     try:
-        c_hat = model.latent_codec.decompress([bs.streams], (lh, lw), bs.rate_q)
+        c_hat = model.latent_codec.decompress([bs.streams], (lh, lw), bs.rate_q, latent_valid(bs.height, bs.width))
     except DiffoError:
         raise
     except Exception as e:  # the rANS decoder or a shape check met data no encoder wrote

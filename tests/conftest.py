@@ -37,6 +37,12 @@ def photo():
     return load_image(sample_photo())
 
 
+@pytest.fixture
+def shared_file():
+    """shared_file("data", "kodak", "kodim23.png"): a path under ../shared, or a loud skip when absent."""
+    return shared_path
+
+
 def shared_path(*parts) -> Path:
     p = SHARED.joinpath(*parts)
     if not p.exists():

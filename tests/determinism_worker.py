@@ -18,6 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 from diffo import pipeline  # noqa: E402
 from diffo.codec import DiffoCodec  # noqa: E402
 from diffo.image import to_uint8  # noqa: E402
+from diffo.latent_codec import valid_extent  # noqa: E402
 
 
 def h(t) -> str:
@@ -34,9 +35,9 @@ for name, stream in (("own", data), ("foreign", foreign)):
     lc = model.latent_codec
     m = model.config.pad_multiple
     lh, lw = -(-bs.height // m) * m // 8, -(-bs.width // m) * m // 8
-    idx = lc.base.decompress([bs.streams[0]], (lh // 4, lw // 4))
-    y_hat = lc.residual.decompress([bs.streams[1]], [bs.streams[2]], lc.base.quantizer.embed(idx), bs.rate_q,
-                                   (lh // 8, lw // 8))
+    valid = pipeline.latent_valid(bs.height, bs.width)
+    idx = lc.base.decompress([bs.streams[0]], valid_extent(valid, 4), (lh // 4, lw // 4))
+    y_hat = lc.residual.decompress([bs.streams[1]], [bs.streams[2]], lc.base.quantizer.embed(idx), bs.rate_q, valid)
     pixels = to_uint8(pipeline.decode(model, stream))
     batch = [to_uint8(x) for x in pipeline.decode_batch(model, [stream] * 4)]
     result[name] = {"indices": h(idx), "y_hat": h(y_hat), "pixels": h(pixels),

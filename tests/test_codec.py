@@ -46,13 +46,13 @@ def test_residual_strings_do_not_depend_on_batch(tiny_model):
     torch.manual_seed(2)
     lat = torch.randn(4, 4, 16, 16)
     lc = tiny_model.latent_codec
-    strings, idx = lc.compress_base(lat)
-    z4, y4 = lc.compress_residual(lat, idx, 40000)
+    strings, idx = lc.compress_base(lat, (16, 15))
+    z4, y4 = lc.compress_residual(lat, idx, 40000, (16, 15))
     for i in range(4):
-        z1, y1 = lc.compress_residual(lat[i:i + 1], idx[i:i + 1], 40000)
+        z1, y1 = lc.compress_residual(lat[i:i + 1], idx[i:i + 1], 40000, (16, 15))
         assert (z1[0], y1[0]) == (z4[i], y4[i])
-    c4 = lc.decompress([(strings[i], z4[i], y4[i]) for i in range(4)], (16, 16), 40000)
-    c1 = lc.decompress([(strings[0], z4[0], y4[0])], (16, 16), 40000)
+    c4 = lc.decompress([(strings[i], z4[i], y4[i]) for i in range(4)], (16, 16), 40000, (16, 15))
+    c1 = lc.decompress([(strings[0], z4[0], y4[0])], (16, 16), 40000, (16, 15))
     assert torch.allclose(c4[:1], c1, atol=1e-5)
 
 

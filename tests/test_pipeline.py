@@ -116,3 +116,19 @@ def test_decode_batch_equals_single_decodes(tiny_model):
     assert done[-1] == (4, 4)
     for data, img in zip(streams, batch):
         assert torch.equal(img, pipeline.decode(tiny_model, data))
+
+
+def test_padding_costs_no_bytes(tiny_model):
+    """Only the symbols that cover the image are coded. A 520x260 image is padded to 576x320 internally;
+    it must cost no more than the same picture extended to 544x288 (the 32-pixel grid of the base code,
+    i.e. the symbols it cannot avoid), and less than the fully padded picture."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(4)
+    img = F.interpolate(torch.rand(1, 3, 33, 65), size=(260, 520), mode="bilinear")[0]
+    grid = F.pad(img[None], (0, 544 - 520, 0, 288 - 260), mode="replicate")[0]
+    padded = F.pad(img[None], (0, 576 - 520, 0, 320 - 260), mode="replicate")[0]
+    for rate in (0.0, 0.8):
+        own = len(pipeline.encode(tiny_model, img, rate=rate))
+        assert own <= len(pipeline.encode(tiny_model, grid, rate=rate)) + 4, rate
+        assert own < len(pipeline.encode(tiny_model, padded, rate=rate)), rate
