@@ -24,6 +24,7 @@ from .denoiser import ControlOutput, OneStepDenoiser
 from .entropy import entropy_tables_ready
 from .errors import ModelLoadError
 from .latent_codec import DiffoLatentCodec
+from .layers import zero_module
 from .noise import check_noise_map, strength_for_rate, timestep_for_strength
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,11 @@ class DiffoCodec(ModelMixin, ConfigMixin):
         """A randomly initialised model of a named configuration ('tiny' is the only pixel-space preset)."""
         if name != "tiny":
             raise ValueError(f"unknown preset {name!r}: use 'tiny', or DiffoCodec.from_sd(...) for the 'sd' scale")
-        return cls(vae_config=TINY_VAE, unet_config=TINY_UNET, latent_codec_config=TINY_LATENT_CODEC, **overrides)
+        overrides.setdefault("prediction_type", "residual")
+        model = cls(vae_config=TINY_VAE, unet_config=TINY_UNET, latent_codec_config=TINY_LATENT_CODEC, **overrides)
+        if model.config.prediction_type == "residual":
+            zero_module(model.denoiser.unet.conv_out)  # start as the identity ẑ₀ = ĉ
+        return model
 
     @classmethod
     def from_sd(cls, pretrained: str | Path, revision: str | None = None, **overrides) -> "DiffoCodec":

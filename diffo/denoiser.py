@@ -16,12 +16,18 @@ from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 
+# "residual": the UNet predicts the correction to ĉ (ẑ₀ = ĉ + output). A model trained from scratch starts as
+# the identity (zero-initialised conv_out) instead of having to learn it; SD checkpoints use epsilon / v.
+PREDICTION_TYPES = ("sample", "epsilon", "v_prediction", "residual")
+
+
 @dataclass
 class ControlOutput:
     """What the control stage hands to the denoiser: the noised latent and the UNet residuals."""
 
     x_t: torch.Tensor
     timestep: torch.Tensor  # [B] int64
+    cond: torch.Tensor  # ĉ, the decoded latent the control module was fed
     down_residuals: tuple
     mid_residual: torch.Tensor
 
@@ -31,8 +37,8 @@ class OneStepDenoiser(nn.Module):
                  prediction_type: str = "sample", num_train_timesteps: int = 1000, prompt_length: int = 1,
                  beta_schedule: str = "scaled_linear"):
         super().__init__()
-        if prediction_type not in ("sample", "epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be sample, epsilon or v_prediction, got {prediction_type!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.unet = UNet2DConditionModel.from_config(unet_config)
         # Condition enters at latent resolution: one embedding stage, no downsampling.
         self.controlnet = ControlNetModel.from_unet(
@@ -42,7 +48,8 @@ class OneStepDenoiser(nn.Module):
         self.prompt_embeds = nn.Parameter(torch.zeros(1, prompt_length, self.unet.config.cross_attention_dim))
         self.prediction_type = prediction_type
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
-                                       beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+                                       beta_start=0.00085, beta_end=0.012,
+                                       prediction_type="sample" if prediction_type == "residual" else prediction_type)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float(), persistent=False)
 
     @property
@@ -61,7 +68,7 @@ class OneStepDenoiser(nn.Module):
         x_t = self.add_noise(c_hat, timestep, noise)
         down, mid = self.controlnet(x_t, timestep, encoder_hidden_states=self._prompt(len(x_t)),
                                     controlnet_cond=c_hat, return_dict=False)
-        return ControlOutput(x_t, timestep, tuple(down), mid)
+        return ControlOutput(x_t, timestep, c_hat, tuple(down), mid)
 
     def denoise(self, ctrl: ControlOutput) -> torch.Tensor:
         """One UNet evaluation: the clean latent ẑ₀."""
@@ -70,6 +77,8 @@ class OneStepDenoiser(nn.Module):
                         mid_block_additional_residual=ctrl.mid_residual, return_dict=False)[0]
         if self.prediction_type == "sample":
             return out
+        if self.prediction_type == "residual":
+            return ctrl.cond + out
         a = self.alphas_cumprod[ctrl.timestep].to(out)[:, None, None, None]
         if self.prediction_type == "epsilon":
             return (ctrl.x_t - (1 - a).sqrt() * out) / a.sqrt()

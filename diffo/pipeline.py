@@ -45,12 +45,14 @@ def latent_valid(h: int, w: int) -> tuple[int, int]:
     return -(-h // 8), -(-w // 8)
 
 
-def _as_image(image) -> torch.Tensor:
+def _as_image(image, drop_alpha: bool = False) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise ImageInputError(f"expected an RGB tensor [3, H, W], got shape {tuple(image.shape)}")
+        if not torch.isfinite(image).all():
+            raise ImageInputError("image tensor holds NaN or infinite values")
         return image.float().clamp(0, 1)
-    return load_image(image)
+    return load_image(image, drop_alpha=drop_alpha)
 
 
 def check_size(h: int, w: int) -> None:
@@ -61,9 +63,9 @@ def check_size(h: int, w: int) -> None:
 
 
 @torch.no_grad()
-def analyse(model: DiffoCodec, image) -> EncodedLatent:
+def analyse(model: DiffoCodec, image, drop_alpha: bool = False) -> EncodedLatent:
     """Steps 1-3: the part of encoding that does not depend on the rate level."""
-    img = _as_image(image)
+    img = _as_image(image, drop_alpha)
     h, w = img.shape[-2:]
     check_size(h, w)
     x, _ = pad_to_multiple(img[None], model.config.pad_multiple)
@@ -101,12 +103,14 @@ def _search(build: Callable[[int], bytes], fits: Callable[[bytes], bool]) -> int
 
 
 def encode(model: DiffoCodec, image, *, rate: float | None = None, bpp: float | None = None,
-           max_bytes: int | None = None, seed: int = 0, strength: float | None = None) -> bytes:
+           max_bytes: int | None = None, seed: int = 0, strength: float | None = None,
+           drop_alpha: bool = False) -> bytes:
     """Compress `image` (path, PIL image or [3,H,W] tensor in [0,1]) to `.diffo` bytes.
 
     Exactly one of: `rate` (level in [0, 1]; 0 = base code only), `bpp` (the level whose file is nearest to
     that many bits per pixel, header included), `max_bytes` (the highest level whose file fits).
-    `strength` overrides the model's rate → noise map; `seed` seeds the decoder's noise."""
+    `strength` overrides the model's rate → noise map; `seed` seeds the decoder's noise; `drop_alpha`
+    composites a transparent image onto white instead of refusing it."""
     given = [k for k, v in (("rate", rate), ("bpp", bpp), ("max_bytes", max_bytes)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of rate, bpp, max_bytes (got {given or 'none'})")
@@ -114,7 +118,7 @@ def encode(model: DiffoCodec, image, *, rate: float | None = None, bpp: float | 
         raise ValueError(f"seed must be in 0..2^32-1, got {seed}")
     if strength is not None:
         quantize_unit(strength)  # validates
-    enc = analyse(model, image)
+    enc = analyse(model, image, drop_alpha)
     cache: dict[int, bytes] = {}
 
     def build(q: int) -> bytes:

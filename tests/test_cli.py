@@ -105,3 +105,16 @@ def test_existing_output_is_left_untouched(capsys, png, model_dir, tmp_path):
 def test_rate_modes_are_exclusive(capsys, png):
     with pytest.raises(SystemExit):
         main(["compress", str(png), "--rate", "0.1", "--bpp", "0.1"])
+
+
+def test_demo_writes_streams_pictures_and_refuses_to_overwrite(capsys, png, model_dir, tmp_path):
+    out = tmp_path / "demo"
+    code, text, _ = run(capsys, "demo", "--image", png, "--model", model_dir, "--out", out, "--rates", "0,1")
+    assert code == 0 and "PSNR" in text
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["in_comparison.png", "in_rate0.diffo", "in_rate0.png", "in_rate1.diffo", "in_rate1.png"]
+    assert Image.open(out / "in_comparison.png").size[0] == 3 * 56
+    before = (out / "in_rate0.diffo").read_bytes()
+    code, _, err = run(capsys, "demo", "--image", png, "--model", model_dir, "--out", out, "--rates", "0,1")
+    _assert_one_line_error(code, err, "exists")
+    assert (out / "in_rate0.diffo").read_bytes() == before

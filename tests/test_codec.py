@@ -141,3 +141,31 @@ def test_wrong_class_in_config(tmp_path, tiny_model):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="not a DiffO model"):
         DiffoCodec.from_pretrained(folder)
+
+
+def test_fresh_tiny_denoiser_starts_as_identity():
+    torch.manual_seed(0)
+    m = DiffoCodec.from_preset("tiny").eval()
+    c_hat = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        out = m.denoise(m.control(c_hat, 0.5, torch.randn_like(c_hat)))
+    assert torch.equal(out, c_hat)
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction", "residual"])
+def test_prediction_types_recover_the_clean_latent(prediction_type):
+    """With the ideal network output, every parametrisation gives back the clean latent."""
+    from diffo.denoiser import ControlOutput
+
+    torch.manual_seed(0)
+    m = DiffoCodec.from_preset("tiny", prediction_type=prediction_type).eval()
+    den = m.denoiser
+    z0, c_hat, noise = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    t = torch.tensor([400])
+    a = den.alphas_cumprod[t][:, None, None, None]
+    x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    ideal = {"sample": z0, "epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0,
+             "residual": z0 - c_hat}[prediction_type]
+    den.unet.forward = lambda *args, **kw: (ideal,)
+    ctrl = ControlOutput(x_t, t, c_hat, (), None)
+    assert torch.allclose(den.denoise(ctrl), z0, atol=1e-5)

@@ -44,6 +44,21 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
     return rows
 
 
+def finalize(model, folder: Path, held_files: list[Path], train_info: dict) -> Path:
+    """Build the entropy tables, save the model in half precision (codec in float32), measure it on the
+    held-out photos *as saved* and write the model card beside it."""
+    from ..codec import DiffoCodec
+
+    model.eval()
+    model.update()
+    model.save_pretrained(folder, half_precision=True)
+    saved = DiffoCodec.from_pretrained(folder)
+    rows = evaluate_holdout(saved, held_files)
+    (Path(folder).parent / "holdout.json").write_text(json.dumps(rows, indent=1))
+    (Path(folder) / "README.md").write_text(model_card(saved.config.name, train_info, rows, len(held_files)))
+    return Path(folder)
+
+
 def model_card(name: str, train_info: dict, holdout: list[dict], n_held: int) -> str:
     table = "\n".join(
         f"| {r['rate']:.2f} | {r['bpp']:.4f} | {r['psnr']:.2f} | {r['psnr_nodenoise']:.2f} | {r['ms_ssim']:.4f} |"
@@ -62,7 +77,8 @@ UNet denoiser) at a size that trains on a 2-core CPU. Its latent space is its ow
 ## Training
 - Command: `{train_info.get('command', '')}`
 - Data: {train_info.get('data', '')} (never Kodak); held-out slice: {n_held} photos chosen by file-name hash.
-- Stages (steps, seconds): {json.dumps(train_info.get('stages', {}))}
+- Stages (steps): {json.dumps(train_info.get('stages', {}))}; seconds: {json.dumps(
+    {k: round(v) for k, v in train_info.get('seconds', {}).items()})}
 - Hardware: {train_info.get('hardware', '')}
 
 ## Held-out measurements

@@ -149,6 +149,7 @@ class Trainer:
         logger.info("stage %s done: %d steps in %.0f s", stage, self.progress["step"], time.time() - t0)
 
     def _next_stage(self, stage: str):
+        self.progress.setdefault("steps_done", {})[stage] = self.progress["step"]
         self.progress.update(stage=STAGES[STAGES.index(stage) + 1], step=0)
         self._save({})
 
@@ -304,11 +305,20 @@ class Trainer:
         self._next_stage("denoiser")
 
     def stage_final(self) -> Path:
-        self.model.eval()
-        self.model.update()
-        folder = self.model.save_pretrained(self.out / "model", half_precision=True)
+        from .model_card import finalize
+
+        info = {"command": self.cfg_command(), "data": ", ".join(map(str, self.cfg.data)),
+                "stages": {k: {"steps": v} for k, v in self.progress.get("steps_done", {}).items()},
+                "seconds": self.progress["seconds"], "hardware": _hardware()}
+        folder = finalize(self.model, self.out / "model", self.held_files, info)
         logger.info("saved %s (fingerprint %s)", folder, self.model.fingerprint.hex())
         return folder
+
+    def cfg_command(self) -> str:
+        c = self.cfg
+        return (f"python -m diffo train --config {c.config} --data {' '.join(map(str, c.data))} --out {c.out} "
+                f"--minutes-vae {c.minutes['vae']} --minutes-codec {c.minutes['codec']} "
+                f"--minutes-denoiser {c.minutes['denoiser']}")
 
     def run(self) -> Path:
         while True:
@@ -316,6 +326,14 @@ class Trainer:
             if stage == "final":
                 return self.stage_final()
             getattr(self, f"stage_{stage}")()
+
+
+def _hardware() -> str:
+    import os
+    import platform
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {dev}, torch {torch.__version__}"
 
 
 def train(cfg: TrainConfig) -> Path:
