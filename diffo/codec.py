@@ -24,7 +24,7 @@ from .denoiser import ControlOutput, OneStepDenoiser
 from .entropy import entropy_tables_ready
 from .errors import ModelLoadError
 from .latent_codec import DiffoLatentCodec
-from .layers import zero_module
+from .layers import use_contiguous_group_norm, zero_module
 from .noise import check_noise_map, strength_for_rate, timestep_for_strength
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class DiffoCodec(ModelMixin, ConfigMixin):
                                              **dict(latent_codec_config or TINY_LATENT_CODEC))
         self.denoiser = OneStepDenoiser(dict(unet_config or TINY_UNET), latent_channels, control_embedding_channels,
                                         prediction_type, num_train_timesteps, prompt_length)
+        use_contiguous_group_norm(self)  # thread-count-independent pixels (see layers.ContiguousGroupNorm)
         self._fingerprint: bytes | None = None
 
     # ----------------------------------------------------------------------------------------- presets
@@ -119,7 +120,8 @@ class DiffoCodec(ModelMixin, ConfigMixin):
                         **_ignored) -> Path:
         """Write config.json + safetensors (+ README.md model card). `half_precision` stores the VAE and
         denoiser weights as float16 (loaded back as float32); the latent codec always stays float32 because
-        its integer-exact layers need every bit."""
+        its integer-exact layers need every bit. A half-precision copy is a (slightly) different model with
+        its own fingerprint: encode with the loaded copy, not with the float32 model that wrote it."""
         from safetensors.torch import save_file
 
         out = Path(save_directory)
@@ -164,7 +166,7 @@ class DiffoCodec(ModelMixin, ConfigMixin):
         try:
             config = json.loads(cfg_path.read_text(encoding="utf-8"))
             if not isinstance(config, dict):
-                raise ModelLoadError(f"{cfg_path} is not a JSON object")
+                raise ModelLoadError(f"cannot load the DiffO model in {folder}: {cfg_path.name} is not a JSON object")
             if config.get("_class_name") not in (None, cls.__name__):
                 raise ModelLoadError(f"{cfg_path} describes a {config.get('_class_name')}, not a DiffO model")
             model = cls.from_config(config)

@@ -77,6 +77,24 @@ class ExactConv2d(nn.Conv2d):
         return to_grid(out.reshape(n, self.out_channels, oh, ow))
 
 
+class ContiguousGroupNorm(nn.GroupNorm):
+    """GroupNorm that normalises a contiguous copy of its input. PyTorch's CPU kernel for strided
+    (channels-last) inputs splits its reductions by thread count, so a 1-thread and a 2-thread decode
+    differed in the last bits (seen in the VAE decoder); the contiguous kernel does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous())
+
+
+def use_contiguous_group_norm(model: nn.Module) -> nn.Module:
+    """Switch every nn.GroupNorm inside `model` (diffusers' blocks included) to ContiguousGroupNorm in place;
+    parameters and state-dict keys are unchanged."""
+    for m in model.modules():
+        if type(m) is nn.GroupNorm:
+            m.__class__ = ContiguousGroupNorm
+    return model
+
+
 def conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2)
 

@@ -11,6 +11,7 @@ VAE decoder → crop. Images are decoded one at a time, so a batch gives the sam
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -173,12 +174,19 @@ def decoder_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(seed)))
 
 
+@contextmanager
 def reproducible(fast: bool = False):
     """Context for the float networks of decoding. By default oneDNN (mkldnn) is off on the CPU: its
     convolutions change their summation order with the thread count, so pixels would differ between a
     1-thread and a 2-thread decode. im2col + GEMM gives identical pixels, about 2x slower; `fast=True`
-    keeps oneDNN (pixels then agree only to float rounding). Entropy decoding is exact either way."""
-    return torch.backends.mkldnn.flags(enabled=fast)
+    keeps oneDNN (pixels then agree only to float rounding). Entropy decoding is exact either way.
+    (Not `torch.backends.mkldnn.flags`: it also touches the TF32 setting and warns on every call.)"""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = previous and fast
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 @torch.no_grad()
@@ -187,10 +195,10 @@ def decode(model: DiffoCodec, data: bytes, *, strength: float | None = None, see
     """`.diffo` bytes → image [3, H, W] in [0, 1]. `strength`/`seed` override the stream's noise settings;
     `denoise=False` skips the diffusion step (VAE-decodes ĉ directly: the ablation); `fast`: see
     `reproducible`."""
-    bs, c_hat = entropy_decode(model, data)
     if strength is not None:
         quantize_unit(strength)
-    with reproducible(fast):
+    with reproducible(fast):  # g_s inside entropy_decode is a float network too
+        bs, c_hat = entropy_decode(model, data)
         latent = latent_from_c_hat(model, c_hat, bs.strength if strength is None else strength,
                                    bs.seed if seed is None else seed) if denoise else c_hat
         img = model.decode_latent(latent.to(model.device))

@@ -28,8 +28,9 @@ def test_sizes_grow_with_the_rate_level(embedded_model, photo):
     assert bits_per_pixel(sizes[0], w, h) < 0.02 < 0.1 < bits_per_pixel(sizes[-1], w, h)
 
 
-@pytest.mark.parametrize("target", [0.05, 0.1])
+@pytest.mark.parametrize("target", [0.08, 0.12, 0.18])
 def test_bpp_target_is_met_within_15_percent(embedded_model, photo, target):
+    # (this detailed photo's lowest residual level is ~0.058 bpp; kodim23's 0.05 is checked below)
     data = pipeline.encode(embedded_model, photo, bpp=target)
     h, w = photo.shape[1:]
     assert abs(bits_per_pixel(len(data), w, h) - target) <= 0.15 * target

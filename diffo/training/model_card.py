@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import logging
+
 import torch
 
 from .data import load_rgb
+
+logger = logging.getLogger(__name__)
 
 RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -55,6 +59,8 @@ def finalize(model, folder: Path, held_files: list[Path], train_info: dict) -> P
     saved = DiffoCodec.from_pretrained(folder)
     rows = evaluate_holdout(saved, held_files)
     (Path(folder).parent / "holdout.json").write_text(json.dumps(rows, indent=1))
+    # The saved model (half-precision VAE/denoiser) is the one that counts, with its own fingerprint.
+    logger.info("model %s fingerprint %s", folder, saved.fingerprint.hex())
     (Path(folder) / "README.md").write_text(model_card(saved.config.name, train_info, rows, len(held_files)))
     return Path(folder)
 

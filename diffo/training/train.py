@@ -311,7 +311,7 @@ class Trainer:
                 "stages": {k: {"steps": v} for k, v in self.progress.get("steps_done", {}).items()},
                 "seconds": self.progress["seconds"], "hardware": _hardware()}
         folder = finalize(self.model, self.out / "model", self.held_files, info)
-        logger.info("saved %s (fingerprint %s)", folder, self.model.fingerprint.hex())
+        logger.info("saved %s", folder)  # its fingerprint: of the stored (half-precision) weights, see finalize
         return folder
 
     def cfg_command(self) -> str:
