@@ -22,7 +22,7 @@ def list_images(dirs: list[str | Path]) -> list[Path]:
         d = Path(d)
         if not d.is_dir():
             raise FileNotFoundError(f"training data folder not found: {d}")
-        if "kodak" in d.resolve().as_posix().lower():
+        if any(part.lower() == "kodak" for part in d.resolve().parts):
             raise ValueError(f"{d} looks like the Kodak evaluation set: never train on it")
         files += [p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
     if not files:

@@ -28,6 +28,8 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
 
     rows = []
     images = []
+    if not files:
+        return rows
     for p in files:
         img = load_rgb(p).float() / 255
         h, w = img.shape[1:]

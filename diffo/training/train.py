@@ -88,6 +88,8 @@ class Trainer:
             self.model = DiffoCodec.from_sd(cfg.sd_path)
         else:
             raise ValueError(f"unknown --config {cfg.config!r}: use tiny or sd")
+        self.device = self.acc.device  # accelerate picks the GPU when there is one
+        self.model.to(self.device)
         files = list_images(cfg.data)
         self.train_files, self.held_files = split_holdout(files)
         logger.info("%d training photos, %d held out", len(self.train_files), len(self.held_files))
@@ -160,7 +162,7 @@ class Trainer:
         vae = self.model.vae
 
         def step(i, opt, _):
-            x = sampler.batch(cfg.vae_batch) * 2 - 1
+            x = sampler.batch(cfg.vae_batch).to(self.device) * 2 - 1
             post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
             l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
@@ -181,14 +183,14 @@ class Trainer:
         self.model.eval()
         lat = []
         for p in tqdm(self.train_files, desc="latents", mininterval=5):
-            img = load_rgb(p).float()[None] / 255
+            img = load_rgb(p).float()[None].to(self.device) / 255
             views = [img]
             if min(img.shape[-2:]) >= 512:
                 views.append(F.interpolate(img, scale_factor=0.5, mode="area"))
             for v in views:
                 h, w = (v.shape[-2] // 8) * 8, (v.shape[-1] // 8) * 8
                 dist = self.model.vae.encode(v[..., :h, :w] * 2 - 1).latent_dist
-                lat.append(dist.mode()[0])
+                lat.append(dist.mode()[0].cpu())
         std = torch.cat([z.flatten() for z in lat]).std().item()
         self.model.vae.register_to_config(scaling_factor=1.0 / std)
         sf = self.model.vae.config.scaling_factor
@@ -218,7 +220,7 @@ class Trainer:
         aux_opt = torch.optim.Adam(aux, lr=1e-3)
 
         def step(i, opt, _):
-            z = sampler.batch(cfg.latent_batch)
+            z = sampler.batch(cfg.latent_batch).to(self.device)
             rate_q = _sample_rate(self.rng, cfg)
             out = codec(z, rate_q)
             pixels = z.shape[0] * (z.shape[-2] * 8) * (z.shape[-1] * 8)
@@ -236,7 +238,8 @@ class Trainer:
             dead = 0
             if (i + 1) % 100 == 0:
                 with torch.no_grad():
-                    dead = codec.base.quantizer.restart_dead_codes(codec.base.encoder(sampler.batch(64)))
+                    probe = codec.base.encoder(sampler.batch(64).to(self.device))
+                    dead = codec.base.quantizer.restart_dead_codes(probe)
             return {"rate": rate_q / MAX_RATE_Q, "bpp": bpp.item(), "mse": mse.item(), "dead": dead}
 
         self._loop("codec", main, step, optimizers_extra={"aux": aux_opt})
@@ -264,13 +267,13 @@ class Trainer:
             return self.disc
 
         def step(i, opt, opts):
-            z = sampler.batch(cfg.latent_batch)
+            z = sampler.batch(cfg.latent_batch).to(self.device)
             rate_q = _sample_rate(self.rng, cfg)
             with torch.no_grad():
                 self.model.latent_codec.eval()
                 c_hat = self.model.latent_codec(z, rate_q).c_hat  # eval: real rounding, as at decode time
             t_val = self.model.timestep_for_strength(self.model.strength_for_rate(rate_q / MAX_RATE_Q))
-            t = torch.full((len(z),), t_val, dtype=torch.long)
+            t = torch.full((len(z),), t_val, dtype=torch.long, device=self.device)
             x0 = den(c_hat, t, torch.randn_like(z))
             mse = F.mse_loss(x0, z)
             loss = mse
@@ -279,7 +282,7 @@ class Trainer:
             if i >= cfg.adv_start * total_steps or (time.time() - self._den_t0) > cfg.adv_start * budget:
                 disc = ensure_disc()
                 opts["disc"] = disc_opt
-                td = torch.randint(0, den.num_train_timesteps // 2, (len(z),))
+                td = torch.randint(0, den.num_train_timesteps // 2, (len(z),), device=self.device)
                 noise = torch.randn_like(z)
                 fake = den.add_noise(x0, td, noise)
                 g_adv = sum(F.softplus(-l).mean() for l in disc(fake, td))
@@ -307,6 +310,7 @@ class Trainer:
     def stage_final(self) -> Path:
         from .model_card import finalize
 
+        self.model.cpu()
         info = {"command": self.cfg_command(), "data": ", ".join(map(str, self.cfg.data)),
                 "stages": {k: {"steps": v} for k, v in self.progress.get("steps_done", {}).items()},
                 "seconds": self.progress["seconds"], "hardware": _hardware()}
