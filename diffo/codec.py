@@ -21,7 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from .denoiser import ControlOutput, OneStepDenoiser
-from .entropy import entropy_tables_ready
+from .entropy import EntropyModel, GaussianConditional, entropy_tables_ready
 from .errors import ModelLoadError
 from .latent_codec import DiffoLatentCodec
 from .layers import use_contiguous_group_norm, zero_module
@@ -214,11 +214,10 @@ class DiffoCodec(ModelMixin, ConfigMixin):
     def update(self, force: bool = True) -> None:
         """Build the entropy coders' CDF tables from the learned distributions (once, when finalising)."""
         for m in self.latent_codec.modules():
-            if hasattr(m, "update") and hasattr(m, "_quantized_cdf"):
-                if hasattr(m, "scale_table") and not hasattr(m, "quantiles"):
-                    m.update()  # GaussianConditional: tables from the fixed scale table
-                else:
-                    m.update(force=force)
+            if isinstance(m, GaussianConditional):
+                m.update()  # tables of its fixed scale table
+            elif isinstance(m, EntropyModel):
+                m.update(force=force)  # EntropyBottleneck, CategoricalPrior: tables of the learned densities
         self._fingerprint = None
 
     # ------------------------------------------------------------------------------- the stages

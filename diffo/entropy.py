@@ -21,7 +21,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
 
-__all__ = ["CategoricalPrior", "EntropyBottleneck", "GaussianConditional", "gaussian_conditional",
+__all__ = ["CategoricalPrior", "EntropyBottleneck", "EntropyModel", "GaussianConditional", "gaussian_conditional",
            "entropy_tables_ready"]
 
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64

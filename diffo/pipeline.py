@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -119,6 +118,12 @@ def encode(model: DiffoCodec, image, *, rate: float | None = None, bpp: float | 
         raise ValueError(f"seed must be in 0..2^32-1, got {seed}")
     if strength is not None:
         quantize_unit(strength)  # validates
+    # check the rate arguments before the (slow) analysis
+    rate_q = quantize_unit(rate) if rate is not None else None
+    if max_bytes is not None and (int(max_bytes) != max_bytes or max_bytes < 1):
+        raise ValueError(f"max_bytes must be a positive integer, got {max_bytes}")
+    if bpp is not None and not (0 < bpp < float("inf")):
+        raise ValueError(f"bpp must be a positive number, got {bpp}")
     enc = analyse(model, image, drop_alpha)
     cache: dict[int, bytes] = {}
 
@@ -128,18 +133,14 @@ def encode(model: DiffoCodec, image, *, rate: float | None = None, bpp: float | 
         return cache[q]
 
     h, w = enc.size
-    if rate is not None:
-        return build(quantize_unit(rate))
+    if rate_q is not None:
+        return build(rate_q)
     if max_bytes is not None:
-        if int(max_bytes) != max_bytes or max_bytes < 1:
-            raise ValueError(f"max_bytes must be a positive integer, got {max_bytes}")
         q = _search(build, lambda b: len(b) <= max_bytes)
         if len(build(q)) > max_bytes:
             raise ValueError(f"cannot fit this {w}x{h} image in {max_bytes} bytes: the smallest stream "
                              f"(base code only) takes {len(build(0))} bytes")
         return build(q)
-    if not bpp > 0:
-        raise ValueError(f"bpp must be positive, got {bpp}")
     target = bpp * h * w / 8
     q = _search(build, lambda b: len(b) <= target)
     candidates = [q] + ([q + 1] if q < MAX_RATE_Q else [])

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from diffo.codec import DiffoCodec, TINY_UNET, TINY_VAE
+from diffo.codec import DiffoCodec, TINY_VAE
 from diffo.errors import ModelLoadError
 from diffo.latent_codec import MAX_RATE_Q
 from diffo.layers import ExactConv2d

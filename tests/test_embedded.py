@@ -1,7 +1,6 @@
 """The shipped default model, as a new user meets it."""
 
 import pytest
-import torch
 
 from diffo import pipeline
 from diffo.bitstream import bits_per_pixel
