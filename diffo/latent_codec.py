@@ -88,7 +88,7 @@ class VQBaseCodec(nn.Module):
 
     def decompress(self, strings: list[bytes], valid: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
         indices = self.prior.decompress(strings, self.coded_window(valid))
-        if int(indices.max()) >= self.quantizer.codebook_size:  # only a forged stream gets here
+        if int(indices.min()) < 0 or int(indices.max()) >= self.quantizer.codebook_size:  # forged streams only
             raise ValueError("base code index out of range")
         return fill_padding(indices[:, None], shape)[:, 0]
 
