@@ -118,3 +118,21 @@ def test_demo_writes_streams_pictures_and_refuses_to_overwrite(capsys, png, mode
     code, _, err = run(capsys, "demo", "--image", png, "--model", model_dir, "--out", out, "--rates", "0,1")
     _assert_one_line_error(code, err, "exists")
     assert (out / "in_rate0.diffo").read_bytes() == before
+
+
+def test_alpha_is_refused_unless_dropped_and_conversions_warn(capsys, model_dir, tmp_path):
+    rgba = tmp_path / "alpha.png"
+    arr = (torch.rand(24, 32, 4) * 255).byte().numpy()
+    arr[..., 3] = 128
+    Image.fromarray(arr, "RGBA").save(rgba)
+    code, _, err = run(capsys, "compress", rgba, "--model", model_dir, "--rate", "0.3")
+    _assert_one_line_error(code, err, "alpha")
+    assert not rgba.with_suffix(".diffo").exists()
+    code, _, err = run(capsys, "compress", rgba, "--model", model_dir, "--rate", "0.3", "--drop-alpha")
+    assert code == 0 and "diffo: warning:" in err
+    gray = tmp_path / "gray.png"
+    Image.fromarray((torch.rand(24, 32) * 255).byte().numpy(), "L").save(gray)
+    code, _, err = run(capsys, "compress", gray, "--model", model_dir, "--rate", "0.3")
+    assert code == 0 and "grayscale" in err.lower()
+    code, _, err = run(capsys, "info", tmp_path / "none.diffo")
+    _assert_one_line_error(code, err, "not found")
