@@ -21,7 +21,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from .denoiser import ControlOutput, OneStepDenoiser
-from .entropy import EntropyModel, GaussianConditional, entropy_tables_ready
+from .entropy import EntropyModel, GaussianConditional, entropy_tables_ready, resize_table_buffers
 from .errors import ModelLoadError
 from .latent_codec import DiffoLatentCodec
 from .layers import use_contiguous_group_norm, zero_module
@@ -178,11 +178,7 @@ class DiffoCodec(ModelMixin, ConfigMixin):
         return model.eval()
 
     def _load_exact_state(self, state: dict) -> None:
-        # Entropy tables are sized by update(); give the empty buffers the stored shapes before loading.
-        for name, buf in list(self.named_buffers()):
-            if name in state and buf.shape != state[name].shape:
-                mod_name, _, attr = name.rpartition(".")
-                self.get_submodule(mod_name)._buffers[attr] = torch.empty_like(state[name])
+        resize_table_buffers(self, state)
         own = self.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:

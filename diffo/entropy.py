@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
 
 __all__ = ["CategoricalPrior", "EntropyBottleneck", "EntropyModel", "GaussianConditional", "gaussian_conditional",
-           "entropy_tables_ready"]
+           "entropy_tables_ready", "resize_table_buffers"]
 
 SCALES_MIN, SCALES_MAX, SCALES_LEVELS = 0.11, 256.0, 64
 
@@ -75,6 +75,15 @@ class CategoricalPrior(EntropyModel):
         """Indices [len(strings), *shape] (int64)."""
         indexes = torch.zeros((len(strings), *shape), dtype=torch.int32)
         return super().decompress(strings, indexes, dtype=torch.float32).round().long()
+
+
+def resize_table_buffers(module: nn.Module, state: dict) -> None:
+    """Give `module`'s buffers the shapes stored in `state` before load_state_dict: CDF tables are sized by
+    `update()`, so a fresh model holds empty ones."""
+    for name, buf in list(module.named_buffers()):
+        if name in state and buf.shape != state[name].shape:
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._buffers[attr] = torch.empty_like(state[name])
 
 
 def entropy_tables_ready(module: nn.Module) -> bool:

@@ -21,9 +21,9 @@ from .bitstream import MAX_PIXELS, MAX_SIDE, Bitstream, bits_per_pixel, dequanti
 from .codec import DiffoCodec
 from .errors import BitstreamError, DiffoError, ImageInputError, ModelMismatchError
 from .image import crop_to, load_image, pad_to_multiple
+from .latent_codec import MAX_RATE_Q
 
 Progress = Callable[[int, int], None]
-MAX_RATE_Q = 65535
 
 
 @dataclass

@@ -28,7 +28,7 @@ def h(t) -> str:
 model = DiffoCodec.from_pretrained(model_dir)
 img = load_file(image_path)["image"]
 data = pipeline.encode(model, img, rate=0.6, seed=7)
-foreign = open(stream_path, "rb").read() if stream_path != "-" else data
+foreign = open(stream_path, "rb").read()
 result = {"threads": torch.get_num_threads(), "stream": h(data)}
 for name, stream in (("own", data), ("foreign", foreign)):
     bs = pipeline.read_header(stream)

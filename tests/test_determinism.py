@@ -37,7 +37,6 @@ def test_threads_batches_processes(tiny_model, tmp_path, model_kind, photo):
         image = torch.rand(3, 72, 104)
     image_path = tmp_path / "image.safetensors"
     save_file({"image": image.contiguous()}, image_path)
-    one = _run(1, model_dir, image_path, "-")
     stream = tmp_path / "one.diffo"
     # the stream made with 1 thread, decoded in a process with 2 threads (and vice versa)
     from diffo import pipeline

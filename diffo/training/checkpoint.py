@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..entropy import resize_table_buffers
+
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     sd = opt.state_dict()
@@ -56,10 +58,7 @@ def load_module(folder: Path, name: str, module: torch.nn.Module) -> bool:
     if not p.is_file():
         return False
     state = load_file(p)
-    for bname, buf in list(module.named_buffers()):  # entropy tables may have been sized by update()
-        if bname in state and buf.shape != state[bname].shape:
-            mod, _, attr = bname.rpartition(".")
-            module.get_submodule(mod)._buffers[attr] = torch.empty_like(state[bname])
+    resize_table_buffers(module, state)
     module.load_state_dict(state)
     return True
 

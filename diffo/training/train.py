@@ -93,8 +93,7 @@ class Trainer:
         files = list_images(cfg.data)
         self.train_files, self.held_files = split_holdout(files)
         logger.info("%d training photos, %d held out", len(self.train_files), len(self.held_files))
-        self.progress = {"stage": "vae" if cfg.config == "tiny" else "latents", "step": 0, "seconds": {},
-                         "log": []}
+        self.progress = {"stage": "vae" if cfg.config == "tiny" else "latents", "step": 0, "seconds": {}}
         self.disc: UNetFeatureDiscriminator | None = None
         if (self.ckdir / "progress.json").is_file():
             self._resume()
@@ -111,7 +110,6 @@ class Trainer:
 
     def _log(self, **row):
         row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
-        self.progress["log"].append(row)
         with open(self.out / "train_log.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
