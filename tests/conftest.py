@@ -38,6 +38,25 @@ def photo():
     return load_image(sample_photo())
 
 
+@pytest.fixture(scope="session")
+def sd_checkpoint(tmp_path_factory):
+    """A tiny randomly initialised checkpoint in diffusers' Stable Diffusion layout (vae/, unet/, scheduler/)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from diffo.codec import TINY_VAE
+
+    root = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    AutoencoderKL(**{**TINY_VAE, "block_out_channels": [16, 16, 16, 16], "norm_num_groups": 8}).save_pretrained(root / "vae")
+    UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    ).save_pretrained(root / "unet")
+    DDPMScheduler(prediction_type="v_prediction").save_pretrained(root / "scheduler")
+    return root
+
+
 @pytest.fixture
 def shared_file():
     """shared_file("data", "kodak", "kodim23.png"): a path under ../shared, or a loud skip when absent."""

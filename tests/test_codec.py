@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from diffo.codec import DiffoCodec, TINY_VAE
+from diffo.codec import DiffoCodec
 from diffo.errors import ModelLoadError
 from diffo.latent_codec import MAX_RATE_Q
 from diffo.layers import ExactConv2d
@@ -92,23 +92,6 @@ def test_unbuilt_tables_refuse_to_save(tmp_path):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
         DiffoCodec.from_preset("huge")
-
-
-@pytest.fixture(scope="module")
-def sd_checkpoint(tmp_path_factory):
-    """A tiny randomly initialised checkpoint in diffusers' Stable Diffusion layout (vae/, unet/, scheduler/)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    root = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    AutoencoderKL(**{**TINY_VAE, "block_out_channels": [16, 16, 16, 16], "norm_num_groups": 8}).save_pretrained(root / "vae")
-    UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
-        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
-    ).save_pretrained(root / "unet")
-    DDPMScheduler(prediction_type="v_prediction").save_pretrained(root / "scheduler")
-    return root
 
 
 def test_sd_scale_from_diffusers_checkpoint(sd_checkpoint, tmp_path):

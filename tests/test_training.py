@@ -70,3 +70,17 @@ def test_refuses_kodak_and_empty_folders(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         list_images([empty])
+
+
+def test_sd_config_trains_codec_and_control_with_frozen_unet(data_dir, tmp_path, sd_checkpoint):
+    from diffusers import UNet2DConditionModel
+
+    cfg = _cfg(data_dir, tmp_path / "sd")
+    cfg.config, cfg.sd_path = "sd", str(sd_checkpoint)
+    folder = train_mod.train(cfg)
+    progress = json.loads((tmp_path / "sd" / "checkpoint" / "progress.json").read_text())["progress"]
+    assert "vae" not in progress["steps_done"]  # SD's VAE is kept as it is
+    model = DiffoCodec.from_pretrained(folder)
+    ref = UNet2DConditionModel.from_pretrained(sd_checkpoint / "unet")
+    for k, v in ref.state_dict().items():  # frozen UNet (stored in half precision)
+        assert torch.equal(v.half().float(), model.denoiser.unet.state_dict()[k]), k
