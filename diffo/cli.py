@@ -55,7 +55,7 @@ def cmd_decompress(args) -> int:
         raise DiffoError(f"{out} exists; pass --force to overwrite it")
     data = _read_stream(src)
     pipeline.read_header(data)  # a damaged file fails before the model loads
-    img = pipeline.decode(_model(args), data, strength=args.strength, seed=args.seed)
+    img = pipeline.decode(_model(args), data, strength=args.strength, seed=args.seed, fast=args.fast)
     save_image_atomic(out, img, force=args.force)
     print(f"{out}: {img.shape[2]}x{img.shape[1]} PNG")
     return 0
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=None, help=model_help)
     d.add_argument("--strength", type=float, default=None, help="override the stream's noise strength (0..1)")
     d.add_argument("--seed", type=int, default=None, help="override the stream's noise seed")
+    d.add_argument("--fast", action="store_true", help="use oneDNN: faster on CPU, but pixels may then differ "
+                   "in the last bit between thread counts")
     d.add_argument("--force", action="store_true", help="overwrite an existing output")
     d.set_defaults(func=cmd_decompress)
 

@@ -179,7 +179,7 @@ def decoder_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def reproducible(fast: bool = False):
     """Context for the float networks of decoding. By default oneDNN (mkldnn) is off on the CPU: its
     convolutions change their summation order with the thread count, so pixels would differ between a
-    1-thread and a 2-thread decode. im2col + GEMM gives identical pixels, about 2x slower; `fast=True`
+    1-thread and a 2-thread decode. im2col + GEMM gives identical pixels, 2-3x slower; `fast=True`
     keeps oneDNN (pixels then agree only to float rounding). Entropy decoding is exact either way.
     (Not `torch.backends.mkldnn.flags`: it also touches the TF32 setting and warns on every call.)"""
     previous = torch.backends.mkldnn.enabled

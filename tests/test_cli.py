@@ -39,6 +39,8 @@ def test_compress_decompress_info(capsys, png, model_dir, tmp_path):
     code, out, _ = run(capsys, "decompress", stream, "--model", model_dir, "-o", tmp_path / "out.png")
     assert code == 0
     assert Image.open(tmp_path / "out.png").size == (56, 40)
+    code, out, _ = run(capsys, "decompress", stream, "--model", model_dir, "-o", tmp_path / "fast.png", "--fast")
+    assert code == 0 and Image.open(tmp_path / "fast.png").size == (56, 40)
 
 
 def test_max_bytes_and_bpp_modes(capsys, png, model_dir, tmp_path):
