@@ -127,14 +127,23 @@ class HyperpriorResidualCodec(nn.Module):
             return g[i]
         return to_grid(g[i] + (g[i + 1] - g[i]) * (rem / MAX_RATE_Q), WEIGHT_BITS, GAIN_LIMIT)
 
-    def entropy_parameters(self, z_hat: torch.Tensor, base_embed: torch.Tensor, gain: torch.Tensor):
-        """(means, scales) of the gained residual y·g. Exact (float64) in eval mode."""
+    def unit_entropy_parameters(self, z_hat: torch.Tensor, base_embed: torch.Tensor):
+        """(means, scales) of the unit-gain residual y. Exact (float64) in eval mode."""
         h = exact_act(self.h_s1(F.interpolate(to_grid(z_hat), scale_factor=2.0, mode="nearest")))
         h = exact_act(self.h_s2(F.interpolate(h, scale_factor=2.0, mode="nearest")))
         e = F.interpolate(to_grid(base_embed), scale_factor=2.0, mode="nearest")
         means, scales = self.p2(exact_act(self.p1(torch.cat([h, e.to(h.dtype)], 1)))).chunk(2, 1)
+        return means, scales.abs()
+
+    @staticmethod
+    def apply_gain(means: torch.Tensor, scales: torch.Tensor, gain: torch.Tensor):
+        """(means, scales) of the gained residual y·g (products of grid values: exact in float64)."""
         g = gain.to(means.dtype)[None, :, None, None]
-        return means * g, scales.abs() * g
+        return means * g, scales * g
+
+    def entropy_parameters(self, z_hat: torch.Tensor, base_embed: torch.Tensor, gain: torch.Tensor):
+        """(means, scales) of the gained residual y·g."""
+        return self.apply_gain(*self.unit_entropy_parameters(z_hat, base_embed), gain)
 
     def analysis(self, latent: torch.Tensor, base_embed: torch.Tensor) -> torch.Tensor:
         return self.g_a(torch.cat([latent, F.interpolate(base_embed, scale_factor=4.0, mode="nearest")], 1))
@@ -154,21 +163,32 @@ class HyperpriorResidualCodec(nn.Module):
         return y_hat, {"y": y_likelihoods, "z": z_likelihoods}
 
     @torch.no_grad()
-    def compress(self, latent: torch.Tensor, base_embed: torch.Tensor, rate_q: int, latent_valid: tuple[int, int]):
-        """(z strings, y strings): only the windows of z and y that cover the image are coded."""
+    def analyse(self, latent: torch.Tensor, base_embed: torch.Tensor,
+                latent_valid: tuple[int, int]) -> "ResidualAnalysis":
+        """Everything of the residual that does not depend on the rate level: y, the z strings (only the
+        window that covers the image) and the unit-gain entropy parameters, computed as the decoder will."""
         y = self.analysis(latent, base_embed)
         z = self.h_a(y)
-        zv, yv = valid_extent(latent_valid, 8), valid_extent(latent_valid, 2)
+        zv = valid_extent(latent_valid, 8)
         z_strings = self.entropy_bottleneck.compress(z[..., :zv[0], :zv[1]].contiguous())
         z_hat = fill_padding(self.entropy_bottleneck.decompress(z_strings, zv), z.shape[-2:])
+        means, scales = self.unit_entropy_parameters(z_hat, base_embed)
+        return ResidualAnalysis(y.double(), z_strings, means, scales)
+
+    @torch.no_grad()
+    def compress(self, latent: torch.Tensor, base_embed: torch.Tensor, rate_q: int, latent_valid: tuple[int, int],
+                 analysis: "ResidualAnalysis | None" = None):
+        """(z strings, y strings) of rate level rate_q; pass `analysis` to reuse it across rate levels."""
+        an = analysis or self.analyse(latent, base_embed, latent_valid)
         g = self.gain(rate_q)
-        means, scales = self.entropy_parameters(z_hat, base_embed, g)
-        indexes = self.gaussian_conditional.build_indexes(scales)
+        means, scales = self.apply_gain(an.means, an.scales, g)
+        yv = valid_extent(latent_valid, 2)
         win = (..., slice(0, yv[0]), slice(0, yv[1]))
-        y_g = y.double() * g[None, :, None, None]
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        y_g = an.y * g[None, :, None, None]
         y_strings = self.gaussian_conditional.compress(y_g[win].contiguous(), indexes[win].contiguous(),
                                                        means=means[win].contiguous())
-        return z_strings, y_strings
+        return an.z_strings, y_strings
 
     @torch.no_grad()
     def decompress(self, z_strings: list[bytes], y_strings: list[bytes], base_embed: torch.Tensor, rate_q: int,
@@ -185,6 +205,16 @@ class HyperpriorResidualCodec(nn.Module):
                                                      means=means[win].contiguous())
         y_hat = fill_padding(y_hat, (lh // 2, lw // 2))
         return (y_hat / g[None, :, None, None]).float()
+
+
+@dataclass
+class ResidualAnalysis:
+    """The rate-independent part of residual coding (see HyperpriorResidualCodec.analyse)."""
+
+    y: torch.Tensor  # float64, unit gain
+    z_strings: list
+    means: torch.Tensor  # unit gain, exact
+    scales: torch.Tensor
 
 
 @dataclass
@@ -234,10 +264,16 @@ class DiffoLatentCodec(nn.Module):
         return self.base.compress(latent, valid_extent(latent_valid, self.base.downsampling))
 
     @torch.no_grad()
+    def analyse_residual(self, latent: torch.Tensor, indices: torch.Tensor,
+                         latent_valid: tuple[int, int]) -> ResidualAnalysis:
+        return self.residual.analyse(latent, self.base.quantizer.embed(indices), latent_valid)
+
+    @torch.no_grad()
     def compress_residual(self, latent: torch.Tensor, indices: torch.Tensor, rate_q: int,
-                          latent_valid: tuple[int, int]):
-        """(z strings, y strings) of rate level rate_q > 0."""
-        return self.residual.compress(latent, self.base.quantizer.embed(indices), rate_q, latent_valid)
+                          latent_valid: tuple[int, int], analysis: ResidualAnalysis | None = None):
+        """(z strings, y strings) of rate level rate_q > 0; `analysis` (from analyse_residual) skips the
+        rate-independent work when several levels are tried."""
+        return self.residual.compress(latent, self.base.quantizer.embed(indices), rate_q, latent_valid, analysis)
 
     @torch.no_grad()
     def decompress(self, streams: list[tuple[bytes, ...]], latent_shape: tuple[int, int], rate_q: int,

@@ -21,7 +21,7 @@ from .bitstream import MAX_PIXELS, MAX_SIDE, Bitstream, bits_per_pixel, dequanti
 from .codec import DiffoCodec
 from .errors import BitstreamError, DiffoError, ImageInputError, ModelMismatchError
 from .image import crop_to, load_image, pad_to_multiple
-from .latent_codec import MAX_RATE_Q
+from .latent_codec import MAX_RATE_Q, ResidualAnalysis
 
 Progress = Callable[[int, int], None]
 
@@ -34,6 +34,7 @@ class EncodedLatent:
     base_string: bytes
     indices: torch.Tensor
     size: tuple[int, int]  # original (H, W)
+    residual: ResidualAnalysis | None = None  # computed on the first rate level > 0, reused by the others
 
     @property
     def latent_valid(self) -> tuple[int, int]:
@@ -43,6 +44,12 @@ class EncodedLatent:
 def latent_valid(h: int, w: int) -> tuple[int, int]:
     """The latent positions that cover an H x W image (the rest is padding, never coded)."""
     return -(-h // 8), -(-w // 8)
+
+
+def padded_latent_shape(model: DiffoCodec, h: int, w: int) -> tuple[int, int]:
+    """The latent size the codec works on: the image padded to the model's multiple, over 8."""
+    m = model.config.pad_multiple
+    return -(-h // m) * m // 8, -(-w // m) * m // 8
 
 
 def _as_image(image, drop_alpha: bool = False) -> torch.Tensor:
@@ -79,7 +86,9 @@ def analyse(model: DiffoCodec, image, drop_alpha: bool = False) -> EncodedLatent
 def _container(model: DiffoCodec, enc: EncodedLatent, rate_q: int, strength: float | None, seed: int) -> bytes:
     streams: tuple[bytes, ...] = (enc.base_string,)
     if rate_q > 0:
-        z, y = model.latent_codec.compress_residual(enc.latent, enc.indices, rate_q, enc.latent_valid)
+        if enc.residual is None:
+            enc.residual = model.latent_codec.analyse_residual(enc.latent, enc.indices, enc.latent_valid)
+        z, y = model.latent_codec.compress_residual(enc.latent, enc.indices, rate_q, enc.latent_valid, enc.residual)
         streams += (z[0], y[0])
     if strength is None:
         strength = model.strength_for_rate(dequantize_unit(rate_q))
@@ -159,10 +168,9 @@ def entropy_decode(model: DiffoCodec, data: bytes | Bitstream) -> tuple[Bitstrea
         raise ModelMismatchError(
             f"this stream was made by model {bs.fingerprint.hex()}, but the loaded model "
             f"'{model.config.name}' is {model.fingerprint.hex()}: load the model that made it")
-    m = model.config.pad_multiple
-    lh, lw = -(-bs.height // m) * m // 8, -(-bs.width // m) * m // 8
+    shape = padded_latent_shape(model, bs.height, bs.width)
     try:
-        c_hat = model.latent_codec.decompress([bs.streams], (lh, lw), bs.rate_q, latent_valid(bs.height, bs.width))
+        c_hat = model.latent_codec.decompress([bs.streams], shape, bs.rate_q, latent_valid(bs.height, bs.width))
     except DiffoError:
         raise
     except Exception as e:  # the rANS decoder or a shape check met data no encoder wrote
@@ -181,7 +189,9 @@ def reproducible(fast: bool = False):
     convolutions change their summation order with the thread count, so pixels would differ between a
     1-thread and a 2-thread decode. im2col + GEMM gives identical pixels, 2-3x slower; `fast=True`
     keeps oneDNN (pixels then agree only to float rounding). Entropy decoding is exact either way.
-    (Not `torch.backends.mkldnn.flags`: it also touches the TF32 setting and warns on every call.)"""
+    (Not `torch.backends.mkldnn.flags`: it also touches the TF32 setting and warns on every call.)
+    The switch is process-wide: a `fast` decode that ends while a reproducible one runs in another thread
+    turns oneDNN back on under it, so do not mix the two modes in concurrent threads."""
     previous = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = previous and fast
     try:

@@ -33,8 +33,7 @@ result = {"threads": torch.get_num_threads(), "stream": h(data)}
 for name, stream in (("own", data), ("foreign", foreign)):
     bs = pipeline.read_header(stream)
     lc = model.latent_codec
-    m = model.config.pad_multiple
-    lh, lw = -(-bs.height // m) * m // 8, -(-bs.width // m) * m // 8
+    lh, lw = pipeline.padded_latent_shape(model, bs.height, bs.width)
     valid = pipeline.latent_valid(bs.height, bs.width)
     idx = lc.base.decompress([bs.streams[0]], valid_extent(valid, 4), (lh // 4, lw // 4))
     y_hat = lc.residual.decompress([bs.streams[1]], [bs.streams[2]], lc.base.quantizer.embed(idx), bs.rate_q, valid)

@@ -56,13 +56,31 @@ def test_residual_strings_do_not_depend_on_batch(tiny_model):
     assert torch.allclose(c4[:1], c1, atol=1e-5)
 
 
-def test_gain_interpolation_is_monotone_in_level_and_exact(tiny_model):
+def test_gain_interpolation_is_exact_and_on_the_grid(tiny_model):
     r = tiny_model.latent_codec.residual
-    gains = [r.gain(q) for q in (1, 10000, 30000, MAX_RATE_Q)]
-    assert all(g.dtype == torch.float64 for g in gains)
-    assert torch.equal(r.gain(12345), r.gain(12345))
+    grid = 2.0 ** 12
+    for q in (1, 10000, 30000, MAX_RATE_Q):
+        g = r.gain(q)
+        assert g.dtype == torch.float64
+        assert torch.equal(g * grid, torch.round(g * grid)), q  # on the weight grid: exact products later
+        assert torch.equal(g, r.gain(q))
+    # level 1 is (within one grid step) the first learned gain, the top level exactly the last one
+    learned = r.gains.detach().double()
+    assert torch.allclose(r.gain(1), learned[0], atol=2 / grid)
+    assert torch.allclose(r.gain(MAX_RATE_Q), learned[-1], atol=1 / grid)
     with pytest.raises(ValueError):
         r.gain(0)
+
+
+def test_rate_search_reuses_the_residual_analysis(tiny_model):
+    """Strings from a shared analysis equal strings computed from scratch, level by level."""
+    torch.manual_seed(6)
+    lat = torch.randn(1, 4, 16, 16)
+    lc = tiny_model.latent_codec
+    _, idx = lc.compress_base(lat, (14, 16))
+    shared = lc.analyse_residual(lat, idx, (14, 16))
+    for q in (1, 20000, MAX_RATE_Q):
+        assert lc.compress_residual(lat, idx, q, (14, 16), shared) == lc.compress_residual(lat, idx, q, (14, 16))
 
 
 def test_noise_map_validation():

@@ -146,6 +146,7 @@ class Trainer:
                 last_ck = time.time()
         bar.close()
         self.progress["seconds"][stage] = time.time() - t0
+        self._log(stage=stage, step=self.progress["step"], t=round(time.time() - t0), done=True)
         logger.info("stage %s done: %d steps in %.0f s", stage, self.progress["step"], time.time() - t0)
 
     def _next_stage(self, stage: str):
