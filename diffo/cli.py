@@ -50,7 +50,8 @@ def cmd_decompress(args) -> int:
     from .fileio import save_image_atomic
 
     src = Path(args.input)
-    out = Path(args.output) if args.output else src.with_suffix(".png")
+    # Not INPUT.png: in a round trip that is the original photo, which must never be the default target.
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}_diffo.png")
     if out.exists() and not args.force:
         raise DiffoError(f"{out} exists; pass --force to overwrite it")
     data = _read_stream(src)
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("decompress", help=".diffo -> PNG")
     d.add_argument("input")
-    d.add_argument("-o", "--output", help="output image (default: INPUT with .png suffix)")
+    d.add_argument("-o", "--output", help="output image (default: NAME_diffo.png beside NAME.diffo)")
     d.add_argument("--model", default=None, help=model_help)
     d.add_argument("--strength", type=float, default=None, help="override the stream's noise strength (0..1)")
     d.add_argument("--seed", type=int, default=None, help="override the stream's noise seed")
