@@ -31,7 +31,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from diffo.errors import BitstreamError, UnsupportedVersionError
+from .errors import BitstreamError, UnsupportedVersionError
 
 __all__ = [
     "FORMAT_VERSION",

@@ -1,4 +1,4 @@
-"""`python -m diffo` / `diffo`: compress, decompress, info, demo, train.
+"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, train.
 
 Errors on bad input (missing file, not an image, damaged or foreign stream, wrong model, existing output)
 print one line `diffo: error: …` and exit with status 2; no traceback. Outputs are written atomically and
@@ -90,6 +90,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_examples(args) -> int:
+    from .demo import write_examples
+
+    for path in write_examples(Path(args.dir), args.model, args.force):
+        print(path)
+    return 0
+
+
 def cmd_train(args) -> int:
     from .training.train import TrainConfig, train
 
@@ -149,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--rates", default="0,0.25,0.5,1", help="comma-separated rate levels")
     m.add_argument("--force", action="store_true", help="overwrite existing outputs")
     m.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("examples", help="write the input files the example ComfyUI workflows use")
+    e.add_argument("dir", help="folder to write into, e.g. ComfyUI/input")
+    e.add_argument("--model", default=None, help=model_help)
+    e.add_argument("--force", action="store_true", help="replace existing example files")
+    e.set_defaults(func=cmd_examples)
 
     t = sub.add_parser("train", help="train a model (resumable)")
     t.add_argument("--config", choices=["tiny", "sd"], default="tiny")

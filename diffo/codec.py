@@ -234,7 +234,11 @@ class DiffoCodec(ModelMixin, ConfigMixin):
 
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled latent → image batch in [0, 1]."""
-        img = self.vae.decode(latent.to(self.dtype) / self.vae.config.scaling_factor).sample
+        return self.decode_raw_latent(latent.float() / self.vae.config.scaling_factor)
+
+    def decode_raw_latent(self, raw: torch.Tensor) -> torch.Tensor:
+        """Latent in the VAE's own units (ComfyUI's LATENT convention) → image batch in [0, 1]."""
+        img = self.vae.decode(raw.to(self.dtype)).sample
         return ((img.float() + 1) / 2).clamp(0, 1)
 
     def control(self, c_hat: torch.Tensor, strength: float, noise: torch.Tensor) -> ControlOutput:

@@ -1,16 +1,16 @@
-"""`python -m diffo demo`: the round trip of one photo at several rate levels, with a comparison picture."""
+"""`python -m diffo demo`: the round trip of one photo at several rate levels, with a comparison picture;
+`python -m diffo examples DIR`: the input files the example ComfyUI workflows name."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
 
 from .bitstream import bits_per_pixel
 from .errors import OutputExistsError
+from .figures import comparison_picture
 from .fileio import save_image_atomic, write_atomic
-from .image import load_image, psnr, to_pil
+from .image import load_image, psnr
 
 
 def sample_photo() -> Path:
@@ -18,19 +18,6 @@ def sample_photo() -> Path:
     import matplotlib.cbook
 
     return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
-
-
-def comparison_picture(original: torch.Tensor, recons: list[tuple[str, torch.Tensor]]) -> Image.Image:
-    """Original and reconstructions side by side, each labelled."""
-    tiles = [("original", original)] + recons
-    w, h = original.shape[2], original.shape[1]
-    band = 22
-    sheet = Image.new("RGB", (w * len(tiles), h + band), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (label, img) in enumerate(tiles):
-        sheet.paste(to_pil(img), (i * w, band))
-        draw.text((i * w + 4, 4), label, fill="black")
-    return sheet
 
 
 def run_demo(image: str | None, out_dir: Path, model_source: str | None, rates: list[float], force: bool) -> list[dict]:
@@ -61,3 +48,23 @@ def run_demo(image: str | None, out_dir: Path, model_source: str | None, rates: 
     save_image_atomic(out_dir / f"{src.stem}_comparison.png", comparison_picture(original, recons), force=force)
     print(f"wrote {len(planned)} files to {out_dir}/")
     return rows
+
+
+EXAMPLE_IMAGE = "diffo_example.png"
+EXAMPLE_STREAM = "diffo_example.diffo"
+EXAMPLE_BPP = 0.1
+
+
+def write_examples(out_dir: Path, model_source: str | None = None, force: bool = False) -> list[Path]:
+    """The sample photo as `diffo_example.png` and its 0.1 bpp stream as `diffo_example.diffo`: the files the
+    shipped workflows load from ComfyUI's input folder."""
+    from . import pipeline
+    from .hub import load_model
+
+    png, stream = out_dir / EXAMPLE_IMAGE, out_dir / EXAMPLE_STREAM
+    existing = [p for p in (png, stream) if p.exists()]
+    if existing and not force:
+        raise OutputExistsError(f"{existing[0]} exists; pass --force to replace the example files")
+    photo = load_image(sample_photo())
+    data = pipeline.encode(load_model(model_source), photo, bpp=EXAMPLE_BPP)
+    return [save_image_atomic(png, photo, force=force), write_atomic(stream, data, force=force)]

@@ -19,6 +19,7 @@ import torch
 
 from .bitstream import MAX_PIXELS, MAX_SIDE, Bitstream, bits_per_pixel, dequantize_unit, quantize_unit
 from .codec import DiffoCodec
+from .denoiser import ControlOutput
 from .errors import BitstreamError, DiffoError, ImageInputError, ModelMismatchError
 from .image import crop_to, load_image, pad_to_multiple
 from .latent_codec import MAX_RATE_Q, ResidualAnalysis
@@ -205,23 +206,45 @@ def decode(model: DiffoCodec, data: bytes, *, strength: float | None = None, see
            denoise: bool = True, fast: bool = False) -> torch.Tensor:
     """`.diffo` bytes → image [3, H, W] in [0, 1]. `strength`/`seed` override the stream's noise settings;
     `denoise=False` skips the diffusion step (VAE-decodes ĉ directly: the ablation); `fast`: see
-    `reproducible`."""
+    `reproducible`. The same as `entropy_decode` → `control` → `denoise_latent` → `latent_to_image`."""
     if strength is not None:
         quantize_unit(strength)
     with reproducible(fast):  # g_s inside entropy_decode is a float network too
         bs, c_hat = entropy_decode(model, data)
         latent = latent_from_c_hat(model, c_hat, bs.strength if strength is None else strength,
                                    bs.seed if seed is None else seed) if denoise else c_hat
-        img = model.decode_latent(latent.to(model.device))
-    return crop_to(img, (bs.height, bs.width))[0].cpu()
+        return latent_to_image(model, latent, (bs.height, bs.width))[0]
+
+
+@torch.no_grad()
+def control(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int) -> ControlOutput:
+    """ĉ [1, C, h, w] → the control module's output: the noisy start x_t (noise from `seed`, its amount
+    from `strength`), the timestep and the residuals that steer the UNet."""
+    quantize_unit(strength)  # validates
+    c_hat = c_hat.to(model.device)
+    return model.control(c_hat, strength, decoder_noise(tuple(c_hat.shape[1:]), seed))
+
+
+@torch.no_grad()
+def denoise_latent(model: DiffoCodec, ctrl: ControlOutput) -> torch.Tensor:
+    """The one denoising step: control output → clean (scaled) latent ẑ₀."""
+    return model.denoise(ctrl)
 
 
 @torch.no_grad()
 def latent_from_c_hat(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int) -> torch.Tensor:
     """Control + one-step denoise: ĉ → clean latent ẑ₀."""
-    c_hat = c_hat.to(model.device)
-    ctrl = model.control(c_hat, strength, decoder_noise(tuple(c_hat.shape[1:]), seed))
-    return model.denoise(ctrl)
+    return denoise_latent(model, control(model, c_hat, strength, seed))
+
+
+@torch.no_grad()
+def latent_to_image(model: DiffoCodec, latent: torch.Tensor, size: tuple[int, int] | None = None,
+                    raw: bool = False) -> torch.Tensor:
+    """Scaled latent [B, C, h, w] (`raw`: in the VAE's own units) → images [B, 3, H, W] in [0, 1] on the CPU,
+    cropped to `size` (the image's own size, without the padding) when given."""
+    latent = latent.to(model.device)
+    img = (model.decode_raw_latent(latent) if raw else model.decode_latent(latent)).cpu()
+    return crop_to(img, size) if size is not None else img
 
 
 def decode_batch(model: DiffoCodec, streams: list[bytes], progress: Progress | None = None, **kw) -> list[torch.Tensor]:

@@ -1,5 +1,25 @@
-"""ComfyUI node wrappers around `diffo` (thin: each node calls library code). The node set arrives with the
-ComfyUI-nodes issue; until then the plugin loads cleanly and registers nothing."""
+"""ComfyUI node wrappers around `diffo`: each node declares its interface and calls library code.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Types on the wires: see `types.py`. ComfyUI services (folders, devices, progress): `comfy_env.py`."""
+
+from .compare import DiffOClassicalCodec, DiffOCompare, DiffORateSweep
+from .decode import DiffOControl, DiffODecode, DiffOEntropyDecode, DiffOLatentToImage, DiffOOneStepDenoise
+from .encode import DiffOEncode
+from .files import DiffOLoadBitstream, DiffOSaveBitstream
+from .model import DiffOLoadModel
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffOLoadModel": "DiffO Load Model",
+    "DiffOEncode": "DiffO Encode",
+    "DiffOSaveBitstream": "DiffO Save Bitstream",
+    "DiffOLoadBitstream": "DiffO Load Bitstream",
+    "DiffOEntropyDecode": "DiffO Entropy Decode",
+    "DiffOControl": "DiffO Control",
+    "DiffOOneStepDenoise": "DiffO One-Step Denoise",
+    "DiffOLatentToImage": "DiffO Latent to Image",
+    "DiffODecode": "DiffO Decode",
+    "DiffOCompare": "DiffO Compare",
+    "DiffOClassicalCodec": "Classical Codec (DiffO)",
+    "DiffORateSweep": "DiffO Rate Sweep",
+}
+NODE_CLASS_MAPPINGS = {name: globals()[name] for name in NODE_DISPLAY_NAME_MAPPINGS}

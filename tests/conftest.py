@@ -70,3 +70,52 @@ def shared_path(*parts) -> Path:
         print(msg)
         pytest.skip(msg)
     return p
+
+
+def load_plugin_like_comfyui(root: Path = ROOT):
+    """Import the plugin as ComfyUI 0.33 does (nodes.load_custom_node): by the path of its __init__.py,
+    under a module name made from the path, as a package, so only relative imports can work."""
+    import importlib.util
+    import sys
+
+    name = str(root).replace(".", "_x_")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def plugin():
+    return load_plugin_like_comfyui()
+
+
+@pytest.fixture(scope="session")
+def example_inputs(tmp_path_factory):
+    """A ComfyUI-style input folder holding what `python -m diffo examples` writes (the workflows' inputs)."""
+    from diffo.demo import write_examples
+
+    folder = tmp_path_factory.mktemp("input")
+    write_examples(folder)
+    return folder
+
+
+@pytest.fixture
+def comfy_dirs(tmp_path, monkeypatch, example_inputs):
+    """Fresh input/output/models folders for the nodes (the stand-ins for ComfyUI's folder_paths)."""
+    import shutil
+
+    from comfy_core import FOLDERS
+
+    dirs = {k: tmp_path / k for k in ("input", "output", "models")}
+    shutil.copytree(example_inputs, dirs["input"])
+    dirs["output"].mkdir()
+    dirs["models"].mkdir()
+    monkeypatch.setenv("DIFFO_INPUT_DIR", str(dirs["input"]))
+    monkeypatch.setenv("DIFFO_OUTPUT_DIR", str(dirs["output"]))
+    monkeypatch.setenv("DIFFO_MODELS_DIR", str(dirs["models"]))
+    FOLDERS.input, FOLDERS.output = dirs["input"], dirs["output"]
+    return dirs

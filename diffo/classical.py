@@ -1,0 +1,164 @@
+"""Classical image codecs as anchors: encode an image to a target bpp by bisection on the codec's quality knob.
+
+Each codec is an encoder `(PIL RGB image, knob) -> bytes` plus a decoder `bytes -> PIL image`, with the knob's
+range and direction. `encode_to_bpp` finds the best quality whose *real file* (headers included) fits in
+`target_bpp × H × W / 8` bytes; when even the lowest quality is larger it raises `TargetUnreachable` rather
+than inventing a point. The bpp reported is always the file's own size.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, features
+
+from .bitstream import bits_per_pixel
+from .image import to_pil
+
+
+class TargetUnreachable(ValueError):
+    """The codec's smallest file for this image is larger than the target."""
+
+
+class CodecUnavailable(RuntimeError):
+    """The codec's library is not installed (the message says which package provides it)."""
+
+
+@dataclass(frozen=True)
+class ClassicalCodec:
+    name: str  # the name on the command line, in CSVs and in the nodes
+    label: str  # for tables and plots
+    encode: Callable[[Image.Image, float], bytes]
+    decode: Callable[[bytes], Image.Image]
+    knob: tuple[float, float]  # (worst, best) value of the quality knob; may run in either direction
+    integer: bool  # an integer knob (quality 0-100) or a continuous one
+    available: Callable[[], str | None]  # None when usable, else what to install
+
+
+def _pil_saver(fmt: str, knob_name: str, **options) -> Callable[[Image.Image, float], bytes]:
+    def encode(img: Image.Image, knob: float) -> bytes:
+        buf = io.BytesIO()
+        value = int(round(knob)) if knob_name == "quality" else knob
+        img.save(buf, format=fmt, **{knob_name: value}, **options)
+        return buf.getvalue()
+
+    return encode
+
+
+def _j2k_encode(img: Image.Image, ratio: float) -> bytes:
+    # JPEG 2000's native rate control: one quality layer at a compression ratio (24 bits / target bpp).
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG2000", irreversible=True, quality_mode="rates", quality_layers=[ratio])
+    return buf.getvalue()
+
+
+def _pil_decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def _jxl_encode(img: Image.Image, distance: float) -> bytes:
+    import imagecodecs
+
+    return bytes(imagecodecs.jpegxl_encode(np.asarray(img), distance=distance, effort=7, numthreads=1))
+
+
+def _jxl_decode(data: bytes) -> Image.Image:
+    import imagecodecs
+
+    return Image.fromarray(np.ascontiguousarray(imagecodecs.jpegxl_decode(data, numthreads=1))[..., :3])
+
+
+def _pil_feature(feature: str, package: str) -> Callable[[], str | None]:
+    return lambda: None if features.check(feature) else f"a Pillow built with {feature} ({package})"
+
+
+def _jxl_available() -> str | None:
+    try:
+        import imagecodecs
+    except ImportError:
+        return "the imagecodecs package (pip install imagecodecs)"
+    return None if imagecodecs.JPEGXL.available else "an imagecodecs build with JPEG XL"
+
+
+CODECS: dict[str, ClassicalCodec] = {c.name: c for c in (
+    ClassicalCodec("jpeg", "JPEG", _pil_saver("JPEG", "quality", optimize=True), _pil_decode, (1, 95), True,
+                   _pil_feature("jpg", "libjpeg")),
+    ClassicalCodec("webp", "WebP", _pil_saver("WEBP", "quality", method=6), _pil_decode, (0, 100), True,
+                   _pil_feature("webp", "libwebp")),
+    # tune=psnr: libaom's default tunes for SSIM-like looks; PSNR tuning is the usual anchor in codec papers.
+    ClassicalCodec("avif", "AVIF", _pil_saver("AVIF", "quality", speed=6, advanced={"tune": "psnr"}), _pil_decode,
+                   (0, 100), True, _pil_feature("avif", "Pillow >= 11.3 with libavif")),
+    ClassicalCodec("jpeg2000", "JPEG 2000", _j2k_encode, _pil_decode, (2400.0, 2.0), False,
+                   _pil_feature("jpg_2000", "openjpeg")),
+    ClassicalCodec("jxl", "JPEG XL", _jxl_encode, _jxl_decode, (25.0, 0.05), False, _jxl_available),
+)}
+
+
+def codec(name: str) -> ClassicalCodec:
+    if name not in CODECS:
+        raise ValueError(f"unknown classical codec {name!r}; known: {', '.join(CODECS)}")
+    c = CODECS[name]
+    missing = c.available()
+    if missing:
+        raise CodecUnavailable(f"{c.label} needs {missing}")
+    return c
+
+
+def available_codecs() -> list[str]:
+    return [n for n, c in CODECS.items() if c.available() is None]
+
+
+@dataclass
+class ClassicalResult:
+    codec: str
+    data: bytes
+    image: torch.Tensor  # decoded [3, H, W] in [0, 1]
+    knob: float
+
+    @property
+    def bpp(self) -> float:
+        return bits_per_pixel(len(self.data), self.image.shape[2], self.image.shape[1])
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+
+
+def encode_to_bpp(image: torch.Tensor, name: str, target_bpp: float, steps: int = 24) -> ClassicalResult:
+    """`image` [3, H, W] in [0, 1] through codec `name` at the best quality whose file is at most
+    `target_bpp` bits per pixel; raises `TargetUnreachable` when its smallest file is larger."""
+    c = codec(name)
+    if not target_bpp > 0:
+        raise ValueError(f"target bpp must be positive, got {target_bpp}")
+    pil = to_pil(image)
+    budget = target_bpp * pil.width * pil.height / 8
+    worst, best = c.knob
+    sizes: dict[float, bytes] = {}
+
+    def encoded(k: float) -> bytes:
+        if k not in sizes:
+            sizes[k] = c.encode(pil, k)
+        return sizes[k]
+
+    if len(encoded(worst)) > budget:
+        raise TargetUnreachable(
+            f"{c.label} cannot reach {target_bpp:g} bpp on this {pil.width}x{pil.height} image: its smallest "
+            f"file is {len(encoded(worst))} bytes = {bits_per_pixel(len(encoded(worst)), pil.width, pil.height):.4f} bpp")
+    lo, hi = worst, best  # invariant: encoded(lo) fits
+    if len(encoded(hi)) <= budget:
+        lo = hi
+    elif c.integer:
+        while abs(hi - lo) > 1:
+            mid = (lo + hi) // 2 if hi > lo else (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if len(encoded(mid)) <= budget else (lo, mid)
+    else:
+        for _ in range(steps):  # geometric bisection: both knobs span orders of magnitude
+            mid = (lo * hi) ** 0.5
+            lo, hi = (mid, hi) if len(encoded(mid)) <= budget else (lo, mid)
+    data = encoded(lo)
+    return ClassicalResult(name, data, _to_tensor(c.decode(data)), float(lo))

@@ -1,0 +1,65 @@
+"""Pictures for people: labelled side-by-side comparisons and rate-distortion plots (matplotlib)."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .image import to_pil
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable when Pillow has FreeType
+    except TypeError:  # pragma: no cover - old Pillow without the size argument
+        return ImageFont.load_default()
+
+
+def comparison_picture(original: torch.Tensor, recons: Sequence[tuple[str, torch.Tensor]],
+                       original_label: str = "original") -> Image.Image:
+    """Original and reconstructions [3, H, W] side by side, each with its (multi-line) label above it."""
+    tiles = [(original_label, original)] + list(recons)
+    h, w = original.shape[1], original.shape[2]
+    font = _font(max(11, min(18, w // 28)))
+    line = font.getbbox("Ag")[3] + 4
+    band = 6 + line * max(label.count("\n") + 1 for label, _ in tiles)
+    sheet = Image.new("RGB", (w * len(tiles), h + band), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (label, img) in enumerate(tiles):
+        if tuple(img.shape[-2:]) != (h, w):
+            raise ValueError(f"'{label}' is {img.shape[-1]}x{img.shape[-2]}, the original {w}x{h}")
+        sheet.paste(to_pil(img), (i * w, band))
+        draw.multiline_text((i * w + 4, 3), label, fill="black", font=font, spacing=4)
+    return sheet
+
+
+def rd_plot(series: dict[str, list[tuple[float, float]]], metric: str, title: str = "",
+            higher_is_better: bool = True) -> Image.Image:
+    """One rate-distortion curve per codec: `series[codec] = [(bpp, value), …]` → a PNG-ready PIL image."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # not pyplot: no global state, safe in a server thread
+
+    fig = Figure(figsize=(6.4, 4.4), dpi=100)
+    ax = fig.add_subplot()
+    for name, points in series.items():
+        pts = sorted((b, v) for b, v in points if math.isfinite(b) and math.isfinite(v))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                    linewidth=2.2 if name.startswith("diffo") else 1.4)
+    ax.set_xlabel("bits per pixel")
+    ax.set_ylabel(metric + ("" if higher_is_better else " (lower is better)"))
+    ax.set_title(title or f"{metric} vs rate")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")

@@ -1,0 +1,68 @@
+"""Image quality metrics, computed the same way everywhere (nodes, eval, demo).
+
+All take two images [3, H, W] (or [B, 3, H, W]) in [0, 1], round them to 8 bits first (what a user sees
+in a PNG), and return a float. A metric that is undefined for the input (MS-SSIM on an image smaller than
+its five scales need) returns NaN, never a made-up value: callers print it as "n/a".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .image import psnr, to_uint8
+
+# MS-SSIM's 11-px window over 5 scales needs a shorter side above (11 - 1) * 2**4 = 160 px.
+MS_SSIM_MIN_SIDE = 161
+# HaarPSI's coarsest Haar filter is 2**6 = 64 px wide (piq pads, but below that it is meaningless).
+HAARPSI_MIN_SIDE = 64
+
+__all__ = ["psnr", "ms_ssim", "haarpsi", "gmsd", "quality", "METRICS", "MS_SSIM_MIN_SIDE"]
+
+
+def _batch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {tuple(a.shape)} and {tuple(b.shape)}")
+    a = to_uint8(a).cpu().to(torch.float32) / 255
+    b = to_uint8(b).cpu().to(torch.float32) / 255
+    return (a[None], b[None]) if a.dim() == 3 else (a, b)
+
+
+def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Multi-scale SSIM (pytorch-msssim, the CompressAI papers' implementation); NaN below 161 px a side."""
+    from pytorch_msssim import ms_ssim as _ms_ssim
+
+    x, y = _batch(a, b)
+    if min(x.shape[-2:]) < MS_SSIM_MIN_SIDE:
+        return math.nan
+    return float(_ms_ssim(x, y, data_range=1.0).mean())
+
+
+def haarpsi(a: torch.Tensor, b: torch.Tensor) -> float:
+    """HaarPSI (piq): a weight-free perceptual similarity, 1 = identical; NaN below 64 px a side."""
+    import piq
+
+    x, y = _batch(a, b)
+    if min(x.shape[-2:]) < HAARPSI_MIN_SIDE:
+        return math.nan
+    return float(piq.haarpsi(x, y, data_range=1.0).mean())
+
+
+def gmsd(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Gradient magnitude similarity deviation (piq): 0 = identical, higher is worse."""
+    import piq
+
+    x, y = _batch(a, b)
+    return float(piq.gmsd(x, y, data_range=1.0).mean())
+
+
+METRICS = {"psnr": psnr, "ms_ssim": ms_ssim, "haarpsi": haarpsi, "gmsd": gmsd}
+
+
+def quality(original: torch.Tensor, reconstruction: torch.Tensor, metrics=tuple(METRICS)) -> dict[str, float]:
+    """The named metrics of `reconstruction` against `original`."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+    return {m: METRICS[m](original, reconstruction) for m in metrics}
