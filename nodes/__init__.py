@@ -22,4 +22,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DiffOClassicalCodec": "Classical Codec (DiffO)",
     "DiffORateSweep": "DiffO Rate Sweep",
 }
-NODE_CLASS_MAPPINGS = {name: globals()[name] for name in NODE_DISPLAY_NAME_MAPPINGS}
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
+    DiffOLoadModel, DiffOEncode, DiffOSaveBitstream, DiffOLoadBitstream, DiffOEntropyDecode, DiffOControl,
+    DiffOOneStepDenoise, DiffOLatentToImage, DiffODecode, DiffOCompare, DiffOClassicalCodec, DiffORateSweep)}

@@ -410,3 +410,14 @@ def test_invalid_repo_id_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                          timeout=120)
     assert "neither a local folder nor a valid Hub repo id" in out.stdout, out.stderr
+
+
+def test_comfyui_loader_node_reads_a_hub_repo_from_the_offline_cache(offline_cache, saved, plugin):
+    model, _ = saved
+    loader = plugin.NODE_CLASS_MAPPINGS["DiffOLoadModel"]
+    hub_entry = loader.INPUT_TYPES()["required"]["model"][0][-1]
+    by_branch = loader().load(hub_entry, f" {REPO} ", "", "cpu", "float32")[0]
+    by_commit = loader().load(hub_entry, REPO, COMMIT, "cpu", "float32")[0]
+    assert by_branch is by_commit and by_branch.fingerprint == model.fingerprint
+    with pytest.raises(plugin.diffo.errors.ModelLoadError, match="someone/absent"):
+        loader().load(hub_entry, "someone/absent", "", "cpu", "float32")

@@ -36,8 +36,8 @@ CORE_NODES = {
 }
 
 
-NODE_WIDTH, COLUMN_STEP = 320, 360
-TALL_NODES = {"LoadImage": 420, "SaveImage": 380, "PreviewImage": 380, "PreviewAny": 240, "DiffOCompare": 260,
+NODE_WIDTH, COLUMN_STEP = 270, 300
+TALL_NODES = {"LoadImage": 380, "SaveImage": 380, "PreviewImage": 380, "PreviewAny": 240, "DiffOCompare": 260,
               "DiffOSaveBitstream": 200}  # room for the picture or text they show after a run
 
 
@@ -124,7 +124,7 @@ def build(spec: list[tuple[str, str, dict]], classes: dict) -> dict:
     # open zoomed so the whole graph fits a 1600x1000 window below the toolbar
     width = COLUMN_STEP * max(column.values()) + NODE_WIDTH
     height = max(rows.values())
-    scale = round(min(1.0, 1450 / width, 800 / height), 2)
+    scale = round(min(1.0, 1480 / width, 840 / height), 2)
     view = {"scale": scale, "offset": [round(80 / scale), round(110 / scale)]}
     return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
             "groups": [], "config": {}, "extra": {"ds": view}, "version": 0.4}
