@@ -3,7 +3,7 @@ error, registers every node, and every shipped workflow loads in the real web fr
 runs, and produces its outputs. A foreign stream fails with the message that says which model made it.
 
 Runs when COMFYUI_PATH points at a ComfyUI checkout (COMFY_PYTHON: its Python, default this one); otherwise
-skipped, loudly. Browser mode when the harness's Python (DIFFO_HARNESS_PYTHON, default python3) has playwright
+skipped, loudly. DIFFO_HARNESS_REPORT=DIR keeps the report (screenshots, outputs). Browser mode when the harness's Python (DIFFO_HARNESS_PYTHON, default python3) has playwright
 and chromium is installed; else the harness's API mode, and the test says so."""
 
 import json
@@ -67,7 +67,7 @@ def test_workflows_run_in_real_comfyui(tmp_path, example_inputs, tiny_model):
 
     python = _harness_python()
     browser = _browser_available(python)
-    report_dir = tmp_path / "report"
+    report_dir = Path(os.environ.get("DIFFO_HARNESS_REPORT") or tmp_path / "report")  # keep it to see screenshots
     cmd = [python, str(harness), "--plugin", str(plugin), "--workflows", str(workflows), "--report-dir",
            str(report_dir), "--timeout", "600", "--expect-nodes", "DiffOLoadModel,DiffOEncode,DiffODecode",
            "--input-files", *map(str, sorted(example_inputs.iterdir())), str(foreign)]
