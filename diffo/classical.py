@@ -73,6 +73,68 @@ def _jxl_decode(data: bytes) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(imagecodecs.jpegxl_decode(data, numthreads=1))[..., :3])
 
 
+# ---- HEVC (x265) and VVC (vvenc) through imageio-ffmpeg's bundled ffmpeg, as single 4:4:4 intra frames.
+# The RGB <-> YCbCr conversion is ours (BT.601 full range, the JPEG/BPG matrix), so ffmpeg never resamples.
+_RGB_TO_YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_YCC_TO_RGB = np.linalg.inv(_RGB_TO_YCC)
+
+
+def rgb_to_ycbcr_planes(rgb: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] RGB → planar Y, Cb, Cr bytes (yuv444p)."""
+    ycc = rgb.astype(np.float64) @ _RGB_TO_YCC.T + np.array([0.0, 128.0, 128.0])
+    return np.clip(np.round(ycc), 0, 255).astype(np.uint8).transpose(2, 0, 1).tobytes()
+
+
+def ycbcr_planes_to_rgb(planes: bytes, h: int, w: int) -> np.ndarray:
+    ycc = np.frombuffer(planes, dtype=np.uint8).reshape(3, h, w).transpose(1, 2, 0).astype(np.float64)
+    rgb = (ycc - np.array([0.0, 128.0, 128.0])) @ _YCC_TO_RGB.T
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+
+
+def _ffmpeg(args: list[str], data: bytes, what: str) -> bytes:
+    import subprocess
+
+    import imageio_ffmpeg
+
+    proc = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin",
+                           *args], input=data, capture_output=True)
+    if proc.returncode != 0 or not proc.stdout:
+        raise RuntimeError(f"ffmpeg failed to {what}: {proc.stderr.decode(errors='replace').strip()[-400:]}")
+    return proc.stdout
+
+
+def _video_codec(encoder: list[str], fmt: str):
+    """Encoder/decoder of one intra frame; `encoder` holds '{qp}' where the quantiser goes."""
+    def encode(img: Image.Image, qp: float) -> bytes:
+        args = ["-f", "rawvideo", "-pix_fmt", "yuv444p", "-s", f"{img.width}x{img.height}", "-i", "-",
+                "-frames:v", "1", *[a.format(qp=int(round(qp))) for a in encoder], "-f", fmt, "-"]
+        # the frame size travels in the stream (SPS); the 4-byte prefix is ours, for the decoder, and counted
+        return img.width.to_bytes(2, "big") + img.height.to_bytes(2, "big") + \
+            _ffmpeg(args, rgb_to_ycbcr_planes(np.asarray(img)), f"encode with {encoder[1]}")
+
+    def decode(data: bytes) -> Image.Image:
+        w, h = int.from_bytes(data[:2], "big"), int.from_bytes(data[2:4], "big")
+        planes = _ffmpeg(["-f", fmt, "-i", "-", "-f", "rawvideo", "-pix_fmt", "yuv444p", "-"], data[4:], f"decode {fmt}")
+        return Image.fromarray(ycbcr_planes_to_rgb(planes[:3 * w * h], h, w))
+
+    return encode, decode
+
+
+def _ffmpeg_encoder(name: str) -> Callable[[], str | None]:
+    def available() -> str | None:
+        try:
+            import subprocess
+
+            import imageio_ffmpeg
+        except ImportError:
+            return "the imageio-ffmpeg package (pip install imageio-ffmpeg)"
+        out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-encoders"], capture_output=True,
+                             text=True).stdout
+        return None if f" {name} " in out else f"an ffmpeg with {name} (imageio-ffmpeg's bundled build has it)"
+
+    return available
+
+
 def _pil_feature(feature: str, package: str) -> Callable[[], str | None]:
     return lambda: None if features.check(feature) else f"a Pillow built with {feature} ({package})"
 
@@ -96,6 +158,12 @@ CODECS: dict[str, ClassicalCodec] = {c.name: c for c in (
     ClassicalCodec("jpeg2000", "JPEG 2000", _j2k_encode, _pil_decode, (2400.0, 2.0), False,
                    _pil_feature("jpg_2000", "openjpeg")),
     ClassicalCodec("jxl", "JPEG XL", _jxl_encode, _jxl_decode, (25.0, 0.05), False, _jxl_available),
+    # BPG-like: x265 4:4:4 intra; info=0 keeps x265's version/settings SEI text (~2 kB) out of the file
+    ClassicalCodec("x265", "HEVC (x265 4:4:4)", *_video_codec(
+        ["-c:v", "libx265", "-preset", "medium", "-x265-params", "qp={qp}:info=0:log-level=error"], "hevc"),
+        (51, 0), True, _ffmpeg_encoder("libx265")),
+    ClassicalCodec("vvc", "VVC (vvenc 4:4:4)", *_video_codec(
+        ["-c:v", "libvvenc", "-preset", "fast", "-qp", "{qp}"], "vvc"), (63, 0), True, _ffmpeg_encoder("libvvenc")),
 )}
 
 

@@ -1,4 +1,4 @@
-"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, train.
+"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, eval, train.
 
 Errors on bad input (missing file, not an image, damaged or foreign stream, wrong model, existing output)
 print one line `diffo: error: …` and exit with status 2; no traceback. Outputs are written atomically and
@@ -98,6 +98,24 @@ def cmd_examples(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from . import evaluation
+    from .sweep import parse_floats
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (out / "points").is_dir():
+        raise DiffoError(f"{out} holds other files; give an empty or new folder (a folder from an earlier "
+                         "eval is resumed)")
+    images = evaluation.list_images(Path(args.images))[: args.limit or None]
+    ev = evaluation.Evaluation(images=images, bpps=parse_floats(args.bpp, "--bpp"),
+                               codecs=evaluation.parse_codecs(args.codecs), out=out, model_source=args.model,
+                               save_images=args.save_images)
+    evaluation.run(ev)
+    print((out / "summary.md").read_text())
+    print(f"wrote {out}/results.csv, summary.md and rd_*.png")
+    return 0
+
+
 def cmd_train(args) -> int:
     from .training.train import TrainConfig, train
 
@@ -163,6 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help=model_help)
     e.add_argument("--force", action="store_true", help="replace existing example files")
     e.set_defaults(func=cmd_examples)
+
+    v = sub.add_parser("eval", help="rate-distortion against classical codecs on a folder of images (resumable)")
+    v.add_argument("--images", required=True, help="folder of images, e.g. ../shared/data/kodak")
+    v.add_argument("--bpp", default="0.02,0.05,0.1,0.15", help="comma-separated target bits per pixel")
+    v.add_argument("--codecs", default=None, help="comma-separated, from: diffo, diffo-nodenoise, jpeg, webp, "
+                   "avif, jpeg2000, jxl, x265, vvc (default: all available)")
+    v.add_argument("--out", required=True, help="output folder (results.csv, summary.md, rd_*.png, points/ cache)")
+    v.add_argument("--model", default=None, help=model_help)
+    v.add_argument("--limit", type=int, default=0, help="only the first N images (quick runs)")
+    v.add_argument("--save-images", action="store_true", help="also save every reconstruction as PNG")
+    v.set_defaults(func=cmd_eval)
 
     t = sub.add_parser("train", help="train a model (resumable)")
     t.add_argument("--config", choices=["tiny", "sd"], default="tiny")

@@ -8,6 +8,7 @@ its five scales need) returns NaN, never a made-up value: callers print it as "n
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -18,7 +19,7 @@ MS_SSIM_MIN_SIDE = 161
 # HaarPSI's coarsest Haar filter is 2**6 = 64 px wide (piq pads, but below that it is meaningless).
 HAARPSI_MIN_SIDE = 64
 
-__all__ = ["psnr", "ms_ssim", "haarpsi", "gmsd", "quality", "METRICS", "MS_SSIM_MIN_SIDE"]
+__all__ = ["psnr", "ms_ssim", "haarpsi", "gmsd", "quality", "METRICS", "MS_SSIM_MIN_SIDE", "learned_metric"]
 
 
 def _batch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +59,37 @@ def gmsd(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 METRICS = {"psnr": psnr, "ms_ssim": ms_ssim, "haarpsi": haarpsi, "gmsd": gmsd}
+
+# Learned metrics: their backbone (torchvision's VGG16) and linear weights are downloaded by torch.hub on first
+# use. Nothing is downloaded here: they are measured only when the files are already in the torch hub cache
+# (`torch.hub.get_dir()`, or TORCH_HOME), otherwise reported as not measured.
+LEARNED = {"lpips": ("LPIPS", "lpips_weights.pt"), "dists": ("DISTS", "dists_weights.pt")}
+VGG16_FILE = "vgg16-397923af.pth"
+
+
+class MetricUnavailable(RuntimeError):
+    pass
+
+
+def learned_metric(name: str):
+    """A callable (a, b) -> float for 'lpips' or 'dists' (lower is better), or MetricUnavailable saying which
+    weight files are missing from the torch hub cache."""
+    import piq
+
+    label, weights = LEARNED[name]
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    missing = [f for f in (weights, VGG16_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise MetricUnavailable(f"{label} not measured: {', '.join(missing)} not in {folder} "
+                                "(no downloads at run time; put the files there or point TORCH_HOME at them)")
+    loss = getattr(piq, label)(reduction="none").eval()
+
+    @torch.no_grad()
+    def measure(a: torch.Tensor, b: torch.Tensor) -> float:
+        x, y = _batch(a, b)
+        return float(loss(x, y).mean())
+
+    return measure
 
 
 def quality(original: torch.Tensor, reconstruction: torch.Tensor, metrics=tuple(METRICS)) -> dict[str, float]:

@@ -1,0 +1,251 @@
+"""`python -m diffo eval`: rate-distortion of DiffO against classical codecs on a folder of images.
+
+For every image × codec × target bpp one *point*: the codec's file at the target (DiffO: its target-bpp mode;
+`diffo-nodenoise`: the same DiffO stream decoded without the diffusion step; classical codecs: the best quality
+whose real file fits, see classical.py), its real size and its metrics. Each point is cached as JSON under
+OUT/points/, so an interrupted run resumes where it stopped. Outputs:
+
+    OUT/results.csv       one row per image × codec × target (unreachable targets: a row with a note, no figures)
+    OUT/summary.md        means per codec and target, BD-rates of DiffO against AVIF, what was not measured
+    OUT/rd_<metric>.png   RD curves of the per-target means, one plot per metric
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import classical, pipeline
+from .bitstream import bits_per_pixel
+from .fileio import save_image_atomic, write_atomic
+from .image import load_image
+from .metrics import LEARNED, METRICS, MetricUnavailable, learned_metric
+
+DIFFO_CODECS = ["diffo", "diffo-nodenoise"]
+ALL_CODECS = DIFFO_CODECS + list(classical.CODECS)
+DEFAULT_BPPS = (0.02, 0.05, 0.1, 0.15)
+BASE_METRICS = list(METRICS)  # psnr, ms_ssim, haarpsi, gmsd
+LOWER_IS_BETTER = {"gmsd", "lpips", "dists"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
+
+
+def list_images(folder: Path) -> list[Path]:
+    images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise FileNotFoundError(f"no images in {folder}")
+    return images
+
+
+def parse_codecs(text: str | None) -> list[str]:
+    """'diffo,avif' → names, checked; None → every codec whose library is installed."""
+    if not text:
+        return DIFFO_CODECS + classical.available_codecs()
+    names = [c.strip().lower() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in ALL_CODECS]
+    if unknown:
+        raise ValueError(f"unknown codec(s) {unknown}; known: {', '.join(ALL_CODECS)}")
+    for c in names:
+        if c not in DIFFO_CODECS:
+            classical.codec(c)  # raises CodecUnavailable naming the package
+    return names
+
+
+@dataclass
+class Evaluation:
+    images: list[Path]
+    bpps: list[float]
+    codecs: list[str]
+    out: Path
+    model_source: str | None = None
+    metrics: list[str] = field(default_factory=lambda: list(BASE_METRICS))
+    unavailable: dict[str, str] = field(default_factory=dict)  # metric → why it was not measured
+    save_images: bool = False
+
+    def point_path(self, image: Path, codec: str, bpp: float) -> Path:
+        return self.out / "points" / image.stem / f"{codec}@{bpp:g}.json"
+
+
+def _measure(original: torch.Tensor, rec: torch.Tensor, measures: dict) -> dict[str, float]:
+    return {name: fn(original, rec) for name, fn in measures.items()}
+
+
+def evaluate_image(ev: Evaluation, image: Path, model, measures: dict, progress=None) -> list[dict]:
+    """Every (codec, target) point of one image, from the cache where present."""
+    original = None
+    rows = []
+    for bpp in ev.bpps:
+        for codec in ev.codecs:
+            path = ev.point_path(image, codec, bpp)
+            if path.is_file():
+                row = json.loads(path.read_text())
+            else:
+                if original is None:
+                    original = load_image(image)
+                row = _point(ev, image, original, codec, bpp, model, measures)
+                write_atomic(path, json.dumps(row, indent=1).encode(), force=True)
+            rows.append(row)
+            if progress:
+                progress()
+    return rows
+
+
+def _point(ev: Evaluation, image: Path, original: torch.Tensor, codec: str, bpp: float, model, measures) -> dict:
+    h, w = original.shape[1:]
+    row = {"image": image.name, "codec": codec, "target_bpp": bpp}
+    t0 = time.perf_counter()
+    if codec in DIFFO_CODECS:
+        stream_path = ev.out / "points" / image.stem / f"diffo@{bpp:g}.diffo"
+        if stream_path.is_file():  # diffo and diffo-nodenoise decode the same stream
+            data = stream_path.read_bytes()
+        else:
+            data = pipeline.encode(model, original, bpp=bpp)
+            write_atomic(stream_path, data, force=True)
+        rec = pipeline.decode(model, data, denoise=codec == "diffo")
+        n_bytes = len(data)
+    else:
+        try:
+            res = classical.encode_to_bpp(original, codec, bpp)
+        except classical.TargetUnreachable as e:
+            return {**row, "note": str(e)}
+        rec, n_bytes = res.image, len(res.data)
+    row.update(bpp=bits_per_pixel(n_bytes, w, h), bytes=n_bytes, seconds=round(time.perf_counter() - t0, 3))
+    row.update(_measure(original, rec, measures))
+    if ev.save_images:
+        save_image_atomic(ev.out / "images" / image.stem / f"{codec}@{bpp:g}.png", rec, force=True)
+    return row
+
+
+def run(ev: Evaluation) -> list[dict]:
+    from tqdm import tqdm
+
+    from .hub import load_model
+
+    measures = {m: METRICS[m] for m in ev.metrics if m in METRICS}
+    for name in LEARNED:
+        try:
+            measures[name] = learned_metric(name)
+            ev.metrics.append(name)
+        except MetricUnavailable as e:
+            ev.unavailable[name] = str(e)
+    model = load_model(ev.model_source) if set(ev.codecs) & set(DIFFO_CODECS) else None
+    rows: list[dict] = []
+    total = len(ev.images) * len(ev.bpps) * len(ev.codecs)
+    with tqdm(total=total, desc="eval", unit="point") as bar:
+        for image in ev.images:
+            bar.set_postfix_str(image.name)
+            rows += evaluate_image(ev, image, model, measures, bar.update)
+    write_outputs(ev, rows)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def write_outputs(ev: Evaluation, rows: list[dict]) -> None:
+    columns = ["image", "codec", "target_bpp", "bpp", "bytes", *ev.metrics, "seconds", "note"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c, "")) for c in columns])
+    write_atomic(ev.out / "results.csv", buf.getvalue().encode(), force=True)
+    means = mean_points(rows, ev.metrics, len(ev.images))
+    write_atomic(ev.out / "summary.md", summary_markdown(ev, means).encode(), force=True)
+    from .figures import rd_plot
+
+    for metric in ev.metrics:
+        series = {c: [(p["bpp"], p[metric]) for p in pts if p["complete"]] for c, pts in means.items()}
+        plot = rd_plot(series, metric, f"{metric}, mean of {len(ev.images)} images per target",
+                       higher_is_better=metric not in LOWER_IS_BETTER)
+        save_image_atomic(ev.out / f"rd_{metric}.png", plot, force=True)
+
+
+def _cell(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"  # empty = not measured (e.g. MS-SSIM on a tiny image)
+    return v
+
+
+def mean_points(rows: list[dict], metrics: list[str], n_images: int) -> dict[str, list[dict]]:
+    """codec → per target: mean bpp and metrics over the images that reached it, and how many did."""
+    out: dict[str, list[dict]] = {}
+    by_key: dict[tuple[str, float], list[dict]] = {}
+    for row in rows:
+        by_key.setdefault((row["codec"], row["target_bpp"]), []).append(row)
+    for (codec, target), group in by_key.items():
+        reached = [r for r in group if "note" not in r]
+        point = {"target_bpp": target, "reached": len(reached), "of": len(group),
+                 "complete": bool(reached) and len(reached) == len(group) == n_images}
+        for key in ["bpp", *metrics]:
+            vals = [r[key] for r in reached if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            point[key] = float(np.mean(vals)) if vals else math.nan
+        out.setdefault(codec, []).append(point)
+    for pts in out.values():
+        pts.sort(key=lambda p: p["target_bpp"])
+    return out
+
+
+def bd_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> float | None:
+    """Bjøntegaard delta rate (%) of `test` against `anchor`, points (bpp, quality): the mean difference of
+    log-rate over the overlapping quality interval, with monotone cubic (PCHIP) interpolation as in
+    current practice (Bjøntegaard 2001 / VCEG-AL22 with PCHIP). None when the quality ranges do not overlap
+    or a curve has fewer than 2 points or is not monotone."""
+    from scipy.integrate import trapezoid
+    from scipy.interpolate import PchipInterpolator
+
+    def curve(points):
+        pts = sorted(points, key=lambda p: p[1])
+        q = np.array([p[1] for p in pts])
+        r = np.log(np.array([p[0] for p in pts]))
+        if len(pts) < 2 or np.any(np.diff(q) <= 0):
+            return None
+        return q, PchipInterpolator(q, r)
+
+    a, t = curve(anchor), curve(test)
+    if a is None or t is None:
+        return None
+    lo, hi = max(a[0][0], t[0][0]), min(a[0][-1], t[0][-1])
+    if hi <= lo:
+        return None
+    grid = np.linspace(lo, hi, 200)
+    diff = float(trapezoid(t[1](grid) - a[1](grid), grid) / (hi - lo))
+    return (math.exp(diff) - 1) * 100
+
+
+def _fmt(v: float, metric: str) -> str:
+    if isinstance(v, float) and math.isnan(v):
+        return "n/a"
+    return f"{v:.2f}" if metric == "psnr" else f"{v:.4f}"
+
+
+def summary_markdown(ev: Evaluation, means: dict[str, list[dict]]) -> str:
+    lines = [f"# DiffO rate-distortion: {len(ev.images)} images, targets {', '.join(f'{b:g}' for b in ev.bpps)} bpp",
+             "", "Means over the images that reached each target (a codec that cannot make a file that small for "
+             "an image is counted in `reached`, not averaged).", ""]
+    header = ["codec", "target bpp", "reached", "bpp", *ev.metrics]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for codec in ev.codecs:
+        for p in means.get(codec, []):
+            cells = [codec, f"{p['target_bpp']:g}", f"{p['reached']}/{p['of']}", _fmt(p["bpp"], "bpp"),
+                     *(_fmt(p[m], m) for m in ev.metrics)]
+            lines.append("| " + " | ".join(cells) + " |")
+    if "avif" in means:
+        lines += ["", "## BD-rate against AVIF (negative: fewer bits for the same quality)", "",
+                  "| codec | " + " | ".join(ev.metrics) + " |", "|" + "---|" * (len(ev.metrics) + 1)]
+        for codec in [c for c in ev.codecs if c != "avif"]:
+            cells = []
+            for m in ev.metrics:
+                sign = -1 if m in LOWER_IS_BETTER else 1  # BD integrates over rising quality
+                pts = lambda c: [(p["bpp"], sign * p[m]) for p in means.get(c, []) if p["complete"]]  # noqa: E731
+                v = bd_rate(pts("avif"), pts(codec))
+                cells.append("n/a (no overlap)" if v is None else f"{v:+.1f} %")
+            lines.append(f"| {codec} | " + " | ".join(cells) + " |")
+    if ev.unavailable:
+        lines += ["", "## Not measured", ""] + [f"- {why}" for why in ev.unavailable.values()]
+    return "\n".join(lines) + "\n"
