@@ -1,4 +1,4 @@
-"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, eval, train.
+"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, eval, bench, train.
 
 Errors on bad input (missing file, not an image, damaged or foreign stream, wrong model, existing output)
 print one line `diffo: error: …` and exit with status 2; no traceback. Outputs are written atomically and
@@ -116,6 +116,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+    from .fileio import write_atomic
+    from .sweep import parse_floats
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(bench.PARTS)
+    if unknown:
+        raise ValueError(f"unknown bench part(s) {sorted(unknown)}; known: {', '.join(bench.PARTS)}")
+    if args.out and Path(args.out).exists() and not args.force:
+        raise DiffoError(f"{args.out} exists; pass --force to overwrite it")
+    result = bench.run(parts, args.repeats, parse_floats(args.sizes, "--sizes"), args.model, args.sd)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        write_atomic(Path(args.out), (text + "\n").encode(), force=args.force)
+    return 0
+
+
 def cmd_train(args) -> int:
     from .training.train import TrainConfig, train
 
@@ -192,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=int, default=0, help="only the first N images (quick runs)")
     v.add_argument("--save-images", action="store_true", help="also save every reconstruction as PNG")
     v.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="speed and memory: stages, 1 vs 50 steps, CompressAI, MP scaling, SD size")
+    b.add_argument("--out", default=None, help="also write the JSON to this file")
+    b.add_argument("--parts", default="stages,steps,compressai,scaling,sd", help="which measurements")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median; after one warm-up)")
+    b.add_argument("--sizes", default="0.25,1,4,16", help="megapixels for the scaling part (16 = 4096x4096)")
+    b.add_argument("--model", default=None, help=model_help)
+    b.add_argument("--sd", action="store_true", help="time the SD 2.1-size configuration even without a GPU")
+    b.add_argument("--force", action="store_true", help="overwrite --out")
+    b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train", help="train a model (resumable)")
     t.add_argument("--config", choices=["tiny", "sd"], default="tiny")

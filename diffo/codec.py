@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from .tiling import configure_vae
 from .denoiser import ControlOutput, OneStepDenoiser
 from .entropy import EntropyModel, GaussianConditional, entropy_tables_ready, resize_table_buffers
 from .errors import ModelLoadError
@@ -44,6 +45,19 @@ TINY_UNET = dict(
     cross_attention_dim=32, attention_head_dim=8, mid_block_type="UNetMidBlock2DCrossAttn",
 )
 TINY_LATENT_CODEC = dict(hidden=64, code_dim=8, codebook_size=256, y_channels=64, z_channels=32, num_gains=8)
+# Stable Diffusion 2.1's VAE and UNet shapes (diffusers configs of stabilityai/stable-diffusion-2-1), for
+# random-weight timing of the paper-scale model where no checkpoint can be downloaded.
+SD21_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=768,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], scaling_factor=0.18215,
+)
+SD21_UNET = dict(
+    sample_size=96, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True,
+)
 SD_LATENT_CODEC = dict(hidden=192, code_dim=16, codebook_size=1024, y_channels=320, z_channels=192, num_gains=8)
 
 
@@ -76,6 +90,7 @@ class DiffoCodec(ModelMixin, ConfigMixin):
         self.denoiser = OneStepDenoiser(dict(unet_config or TINY_UNET), latent_channels, control_embedding_channels,
                                         prediction_type, num_train_timesteps, prompt_length)
         use_contiguous_group_norm(self)  # thread-count-independent pixels (see layers.ContiguousGroupNorm)
+        configure_vae(self.vae)  # large images in tiles (tiling.py)
         self._fingerprint: bytes | None = None
 
     # ----------------------------------------------------------------------------------------- presets
@@ -89,6 +104,15 @@ class DiffoCodec(ModelMixin, ConfigMixin):
         if model.config.prediction_type == "residual":
             zero_module(model.denoiser.unet.conv_out)  # start as the identity ẑ₀ = ĉ
         return model
+
+    @classmethod
+    def sd21_sized(cls, **overrides) -> "DiffoCodec":
+        """Randomly initialised at Stable Diffusion 2.1 size (what `from_sd` builds from a real checkpoint):
+        for timing and memory measurements only."""
+        kwargs = dict(latent_codec_config=SD_LATENT_CODEC, prediction_type="v_prediction", prompt_length=77,
+                      control_embedding_channels=64, name="diffo-sd21-random")
+        kwargs.update(overrides)
+        return cls(vae_config=SD21_VAE, unet_config=SD21_UNET, **kwargs)
 
     @classmethod
     def from_sd(cls, pretrained: str | Path, revision: str | None = None, **overrides) -> "DiffoCodec":

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from . import tiling
 from .bitstream import MAX_PIXELS, MAX_SIDE, Bitstream, bits_per_pixel, dequantize_unit, quantize_unit
 from .codec import DiffoCodec
 from .denoiser import ControlOutput
@@ -216,25 +217,48 @@ def decode(model: DiffoCodec, data: bytes, *, strength: float | None = None, see
         return latent_to_image(model, latent, (bs.height, bs.width))[0]
 
 
+@dataclass
+class ControlTiles:
+    """The control module's output for each tile of a latent (one tile up to 1024 px a side; tiling.py)."""
+
+    shape: tuple[int, int]  # the whole latent's (h, w)
+    tiles: list[tuple[tiling.Window, ControlOutput]]
+
+
+def _control_tile(model: DiffoCodec, c_hat: torch.Tensor, noise: torch.Tensor, strength: float,
+                  window: tiling.Window) -> ControlOutput:
+    ys, xs = window
+    return model.control(c_hat[..., ys, xs], strength, noise[..., ys, xs])
+
+
 @torch.no_grad()
-def control(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int) -> ControlOutput:
-    """ĉ [1, C, h, w] → the control module's output: the noisy start x_t (noise from `seed`, its amount
-    from `strength`), the timestep and the residuals that steer the UNet."""
+def control(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int) -> ControlTiles:
+    """ĉ [1, C, h, w] → the control module's output, per tile: the noisy start x_t (noise from `seed`, its
+    amount from `strength`), the timestep and the residuals that steer the UNet."""
     quantize_unit(strength)  # validates
     c_hat = c_hat.to(model.device)
-    return model.control(c_hat, strength, decoder_noise(tuple(c_hat.shape[1:]), seed))
+    noise = decoder_noise(tuple(c_hat.shape[1:]), seed)
+    shape = tuple(c_hat.shape[-2:])
+    return ControlTiles(shape, [(win, _control_tile(model, c_hat, noise, strength, win))
+                                for win in tiling.latent_windows(*shape)])
 
 
 @torch.no_grad()
-def denoise_latent(model: DiffoCodec, ctrl: ControlOutput) -> torch.Tensor:
-    """The one denoising step: control output → clean (scaled) latent ẑ₀."""
-    return model.denoise(ctrl)
+def denoise_latent(model: DiffoCodec, ctrl: ControlTiles) -> torch.Tensor:
+    """The one denoising step on every tile, blended: control output → clean (scaled) latent ẑ₀."""
+    return tiling.blend(((win, model.denoise(out)) for win, out in ctrl.tiles), ctrl.shape)
 
 
 @torch.no_grad()
 def latent_from_c_hat(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int) -> torch.Tensor:
-    """Control + one-step denoise: ĉ → clean latent ẑ₀."""
-    return denoise_latent(model, control(model, c_hat, strength, seed))
+    """Control + one-step denoise: ĉ → clean latent ẑ₀; `control` then `denoise_latent`, one tile at a time
+    (so a large image never holds every tile's control residuals at once)."""
+    quantize_unit(strength)
+    c_hat = c_hat.to(model.device)
+    noise = decoder_noise(tuple(c_hat.shape[1:]), seed)
+    shape = tuple(c_hat.shape[-2:])
+    return tiling.blend(((win, model.denoise(_control_tile(model, c_hat, noise, strength, win)))
+                         for win in tiling.latent_windows(*shape)), shape)
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
     DIFFO_MODEL      a `diffo.codec.DiffoCodec` (shared: every loader of the same model returns the same object)
     DIFFO_BITSTREAM  `Bitstreams`: one `.diffo` byte string per image of the batch
     DIFFO_LATENT     `CodedLatents`: the entropy-decoded latent ĉ of each stream, with its header
-    DIFFO_CONTROL    `Controls`: the control module's output for each stream (noisy start x_t + residuals)
+    DIFFO_CONTROL    `Controls`: the control module's output for each stream (noisy start x_t + residuals, per tile)
     LATENT           ComfyUI's {"samples": [B, C, h, w]} in the VAE's own (unscaled) units, as core VAE nodes
                      use it, plus "diffo_sizes": the pixel size of each image, for cropping the padding away
 """
@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..diffo.bitstream import Bitstream
-from ..diffo.denoiser import ControlOutput
-from ..diffo.pipeline import padded_latent_shape
+from ..diffo.pipeline import ControlTiles, padded_latent_shape
 
 MODEL = "DIFFO_MODEL"
 BITSTREAM = "DIFFO_BITSTREAM"
@@ -38,7 +37,7 @@ class CodedLatents:
 class Controls:
     headers: list[Bitstream]
     c_hat: list[torch.Tensor]  # kept so the denoiser can redo the control at another strength or seed
-    outputs: list[ControlOutput]
+    outputs: list[ControlTiles]  # per stream: the control output of each latent tile
     strength: list[float]
     seed: list[int]
 

@@ -1,0 +1,246 @@
+"""`python -m diffo bench`: how fast DiffO encodes and decodes, and how much memory it needs. Medians after a
+warm-up run; ratios are measured in the same run. JSON out.
+
+    stages      encode / decode of a 768x512 photo with the embedded model, split by stage
+    steps       the one-step decode vs the same networks run as a 50-step DDIM sampler (the papers' ~50x)
+    compressai  our decode vs CompressAI's MeanScaleHyperprior (random weights) on the same image
+    scaling     encode and decode time per megapixel from 0.25 to 16 MP, and peak memory of each decode,
+                each size in a fresh process (so peaks do not mix)
+    sd          the paper-scale configuration (Stable Diffusion 2.1 size, random weights) at 512x768 in
+                fp16 on a GPU, one-step decode time; skipped without a GPU unless asked for
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import pipeline
+from .demo import sample_photo
+from .image import load_image
+
+BENCH_SIZE = (512, 768)  # H, W: Kodak's landscape size
+SCALING_MP = (0.25, 1.0, 4.0, 16.0)
+PARTS = ("stages", "steps", "compressai", "scaling", "sd")
+
+
+def test_image(h: int, w: int) -> torch.Tensor:
+    """The sample photo resized to h x w (a real photo, reproducible, no data download)."""
+    photo = load_image(sample_photo())
+    return torch.nn.functional.interpolate(photo[None], size=(h, w), mode="bilinear", antialias=True,
+                                           align_corners=False)[0].clamp(0, 1)
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------------ stages
+@torch.no_grad()
+def bench_stages(model, repeats: int) -> dict:
+    h, w = BENCH_SIZE
+    img = test_image(h, w)
+    data = pipeline.encode(model, img, bpp=0.1)
+    bs, c_hat = pipeline.entropy_decode(model, data)
+    enc = pipeline.analyse(model, img)
+    codec = model.latent_codec
+    latent = enc.latent
+
+    def residual():
+        res = codec.analyse_residual(latent, enc.indices, enc.latent_valid)
+        return codec.compress_residual(latent, enc.indices, bs.rate_q, enc.latent_valid, res)
+
+    x, _ = pipeline.pad_to_multiple(img[None], model.config.pad_multiple)
+    out = {"image": f"{w}x{h}", "stream_bytes": len(data), "bpp": 8 * len(data) / (h * w), "encode_s": {},
+           "decode_s": {}}
+    with pipeline.reproducible():
+        out["encode_s"]["vae_encoder"] = median_time(lambda: model.encode_latent(x), repeats)
+        out["encode_s"]["entropy_coding_base"] = median_time(
+            lambda: codec.compress_base(latent, enc.latent_valid), repeats)
+        out["encode_s"]["entropy_coding_residual"] = median_time(residual, repeats)
+        out["encode_s"]["total_at_level"] = median_time(lambda: pipeline.encode(model, img, rate=bs.rate), repeats)
+        out["encode_s"]["total_bpp_search"] = median_time(lambda: pipeline.encode(model, img, bpp=0.1), repeats)
+        ctrl = pipeline.control(model, c_hat, bs.strength, bs.seed)
+        z0 = pipeline.denoise_latent(model, ctrl)
+        out["decode_s"]["entropy_decoding"] = median_time(lambda: pipeline.entropy_decode(model, data), repeats)
+        out["decode_s"]["control"] = median_time(lambda: pipeline.control(model, c_hat, bs.strength, bs.seed), repeats)
+        out["decode_s"]["denoiser_unet"] = median_time(lambda: pipeline.denoise_latent(model, ctrl), repeats)
+        out["decode_s"]["vae_decoder"] = median_time(lambda: pipeline.latent_to_image(model, z0, (h, w)), repeats)
+        out["decode_s"]["total"] = median_time(lambda: pipeline.decode(model, data), repeats)
+    out["decode_s"]["total_fast"] = median_time(lambda: pipeline.decode(model, data, fast=True), repeats)
+    out["decode_mpix_per_s"] = h * w / 1e6 / out["decode_s"]["total"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ steps
+@torch.no_grad()
+def multi_step_latent(model, c_hat: torch.Tensor, strength: float, seed: int, steps: int) -> torch.Tensor:
+    """The same control module and UNet run as a `steps`-step DDIM sampler (eta = 0) from the stream's noise
+    level down to 0, on the model's own noise schedule: what a multi-step diffusion decoder costs. With
+    steps=1 it is `pipeline.latent_from_c_hat` (small images: one tile)."""
+    den = model.denoiser
+    a_bar = den.alphas_cumprod
+    t_start = model.timestep_for_strength(strength)
+    grid = torch.linspace(t_start, 0, steps + 1).round().long().tolist()
+    c_hat = c_hat.to(model.device, model.dtype)
+    noise = pipeline.decoder_noise(tuple(c_hat.shape[1:]), seed).to(c_hat)
+    x = den.add_noise(c_hat, torch.tensor([t_start], device=c_hat.device), noise)
+    for t, t_prev in zip(grid[:-1], grid[1:]):
+        tt = torch.full((1,), t, dtype=torch.long, device=c_hat.device)
+        down, mid = den.controlnet(x, tt, encoder_hidden_states=den._prompt(1), controlnet_cond=c_hat,
+                                   return_dict=False)
+        z0 = den.denoise(pipeline.ControlOutput(x, tt, c_hat, tuple(down), mid))
+        if t_prev == 0 or t == t_prev:
+            x = z0 if t_prev == 0 else x
+            continue
+        a, a_prev = a_bar[t].to(x), a_bar[t_prev].to(x)
+        eps = (x - a.sqrt() * z0) / (1 - a).sqrt()
+        x = a_prev.sqrt() * z0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+def bench_steps(model, repeats: int, steps: int = 50) -> dict:
+    h, w = BENCH_SIZE
+    data = pipeline.encode(model, test_image(h, w), bpp=0.1)
+    bs, c_hat = pipeline.entropy_decode(model, data)
+    with pipeline.reproducible():
+        one = median_time(lambda: pipeline.latent_from_c_hat(model, c_hat, bs.strength, bs.seed), repeats)
+        many = median_time(lambda: multi_step_latent(model, c_hat, bs.strength, bs.seed, steps), max(1, repeats // 2))
+        z0 = pipeline.latent_from_c_hat(model, c_hat, bs.strength, bs.seed)
+        vae = median_time(lambda: pipeline.latent_to_image(model, z0, (h, w)), repeats)
+        entropy = median_time(lambda: pipeline.entropy_decode(model, data), repeats)
+    rest = vae + entropy
+    return {"image": f"{w}x{h}", "steps": steps, "one_step_denoise_s": one, f"{steps}_step_denoise_s": many,
+            "denoise_speedup": many / one, "one_step_decode_s": one + rest, f"{steps}_step_decode_s": many + rest,
+            "decode_speedup": (many + rest) / (one + rest)}
+
+
+# ------------------------------------------------------------------------------------------------ compressai
+@torch.no_grad()
+def bench_compressai(model, repeats: int) -> dict:
+    from compressai.zoo.image import MeanScaleHyperprior
+
+    h, w = BENCH_SIZE
+    img = test_image(h, w)
+    torch.manual_seed(0)
+    msh = MeanScaleHyperprior(N=128, M=192).eval()
+    msh.update(force=True)
+    x, _ = pipeline.pad_to_multiple(img[None], 64)
+    enc = msh.compress(x)
+    theirs = median_time(lambda: msh.decompress(enc["strings"], enc["shape"]), repeats)
+    data = pipeline.encode(model, img, bpp=0.1)
+    ours = median_time(lambda: pipeline.decode(model, data), repeats)
+    return {"image": f"{w}x{h}", "compressai_msh_decode_s": theirs, "diffo_decode_s": ours,
+            "diffo_vs_msh": ours / theirs, "note": "MeanScaleHyperprior N=128, M=192, random weights"}
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+def _scaling_child(mp: float, model_source: str | None) -> dict:
+    """Runs in a fresh process: encode then decode one image of `mp` megapixels; peak RSS after each."""
+    import resource
+
+    from .hub import load_model
+
+    side_w = int(round((mp * 1e6 * 1.5) ** 0.5 / 8)) * 8  # 3:2 landscape, multiple of 8
+    side_h = int(round(mp * 1e6 / side_w / 8)) * 8
+    if mp >= 16:
+        side_h = side_w = 4096  # the 4096x4096 decode the issue asks about
+    img = test_image(side_h, side_w)
+    model = load_model(model_source)
+    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (MiB, Linux)
+    t0 = time.perf_counter()
+    data = pipeline.encode(model, img, rate=0.5)
+    t_enc = time.perf_counter() - t0
+    peak_enc = rss()
+    del img
+    t0 = time.perf_counter()
+    rec = pipeline.decode(model, data)
+    t_dec = time.perf_counter() - t0
+    megapixels = side_h * side_w / 1e6
+    return {"size": f"{side_w}x{side_h}", "megapixels": megapixels, "bytes": len(data), "encode_s": t_enc,
+            "decode_s": t_dec, "encode_s_per_mp": t_enc / megapixels, "decode_s_per_mp": t_dec / megapixels,
+            "peak_rss_mib_after_encode": peak_enc, "peak_rss_mib": rss(), "decoded": list(rec.shape)}
+
+
+def bench_scaling(sizes_mp, model_source: str | None) -> list[dict]:
+    rows = []
+    for mp in sizes_mp:
+        code = (f"import json; from diffo.bench import _scaling_child; "
+                f"print(json.dumps(_scaling_child({mp!r}, {model_source!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+        if proc.returncode != 0:
+            rows.append({"megapixels": mp, "error": proc.stderr.strip()[-600:]})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"  scaling {mp} MP: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ sd scale
+@torch.no_grad()
+def bench_sd(repeats: int, force: bool) -> dict:
+    from .codec import DiffoCodec
+
+    if not torch.cuda.is_available() and not force:
+        return {"skipped": "no GPU (run with --sd to time it on this device anyway)"}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = DiffoCodec.sd21_sized().eval().requires_grad_(False)
+    model.update()
+    torch.nn.Module.to(model, device=device, dtype=dtype)
+    model.latent_codec.to(torch.float32)
+    h, w = BENCH_SIZE
+    data = pipeline.encode(model, test_image(h, w), rate=0.5)
+
+    def decode():
+        pipeline.decode(model, data, fast=True)
+        _sync(device)
+
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+           "dtype": str(dtype).replace("torch.", ""), "image": f"{w}x{h}", "decode_s": median_time(decode, repeats),
+           "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6}
+    if device.type == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def environment() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "cuda": torch.cuda.is_available()}
+
+
+def run(parts: list[str], repeats: int, sizes_mp, model_source: str | None, force_sd: bool) -> dict:
+    from .hub import load_model
+
+    model = load_model(model_source)
+    result = {"model": model.config.name, "fingerprint": model.fingerprint.hex(), "environment": environment()}
+    steps = {"stages": lambda: bench_stages(model, repeats), "steps": lambda: bench_steps(model, repeats),
+             "compressai": lambda: bench_compressai(model, repeats),
+             "scaling": lambda: bench_scaling(sizes_mp, model_source), "sd": lambda: bench_sd(repeats, force_sd)}
+    for part in parts:
+        print(f"bench: {part} …", file=sys.stderr)
+        result[part] = steps[part]()
+    return result
