@@ -26,6 +26,7 @@ from .image import crop_to, load_image, pad_to_multiple
 from .latent_codec import MAX_RATE_Q, ResidualAnalysis
 
 Progress = Callable[[int, int], None]
+Step = Callable[[], None]  # called after each unit of long work (a bisection step, a tile): progress bars, Cancel
 
 
 @dataclass
@@ -99,6 +100,9 @@ def _container(model: DiffoCodec, enc: EncodedLatent, rate_q: int, strength: flo
                      strength_q=quantize_unit(strength), seed=seed, streams=streams).to_bytes()
 
 
+SEARCH_STEPS = MAX_RATE_Q.bit_length() + 1  # the most rate levels a bpp / max_bytes search codes
+
+
 def _search(build: Callable[[int], bytes], fits: Callable[[bytes], bool]) -> int:
     """Largest rate level whose stream `fits`, by bisection (stream size grows with the level)."""
     lo, hi = 0, MAX_RATE_Q
@@ -115,13 +119,14 @@ def _search(build: Callable[[int], bytes], fits: Callable[[bytes], bool]) -> int
 
 def encode(model: DiffoCodec, image, *, rate: float | None = None, bpp: float | None = None,
            max_bytes: int | None = None, seed: int = 0, strength: float | None = None,
-           drop_alpha: bool = False) -> bytes:
+           drop_alpha: bool = False, on_step: Step | None = None) -> bytes:
     """Compress `image` (path, PIL image or [3,H,W] tensor in [0,1]) to `.diffo` bytes.
 
     Exactly one of: `rate` (level in [0, 1]; 0 = base code only), `bpp` (the level whose file is nearest to
     that many bits per pixel, header included), `max_bytes` (the highest level whose file fits).
     `strength` overrides the model's rate → noise map; `seed` seeds the decoder's noise; `drop_alpha`
-    composites a transparent image onto white instead of refusing it."""
+    composites a transparent image onto white instead of refusing it. `on_step` is called after each coded
+    rate level (up to SEARCH_STEPS of them)."""
     given = [k for k, v in (("rate", rate), ("bpp", bpp), ("max_bytes", max_bytes)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of rate, bpp, max_bytes (got {given or 'none'})")
@@ -141,6 +146,8 @@ def encode(model: DiffoCodec, image, *, rate: float | None = None, bpp: float | 
     def build(q: int) -> bytes:
         if q not in cache:
             cache[q] = _container(model, enc, q, strength, int(seed))
+            if on_step:
+                on_step()
         return cache[q]
 
     h, w = enc.size
@@ -204,17 +211,29 @@ def reproducible(fast: bool = False):
 
 @torch.no_grad()
 def decode(model: DiffoCodec, data: bytes, *, strength: float | None = None, seed: int | None = None,
-           denoise: bool = True, fast: bool = False) -> torch.Tensor:
+           denoise: bool = True, fast: bool = False, on_step: Step | None = None) -> torch.Tensor:
     """`.diffo` bytes → image [3, H, W] in [0, 1]. `strength`/`seed` override the stream's noise settings;
     `denoise=False` skips the diffusion step (VAE-decodes ĉ directly: the ablation); `fast`: see
-    `reproducible`. The same as `entropy_decode` → `control` → `denoise_latent` → `latent_to_image`."""
+    `reproducible`. The same as `entropy_decode` → `control` → `denoise_latent` → `latent_to_image`.
+    `on_step` is called after entropy decoding, after each denoiser tile and after the VAE decoder
+    (`decode_steps` of them)."""
     if strength is not None:
         quantize_unit(strength)
+    step = on_step or (lambda: None)
     with reproducible(fast):  # g_s inside entropy_decode is a float network too
         bs, c_hat = entropy_decode(model, data)
+        step()
         latent = latent_from_c_hat(model, c_hat, bs.strength if strength is None else strength,
-                                   bs.seed if seed is None else seed) if denoise else c_hat
-        return latent_to_image(model, latent, (bs.height, bs.width))[0]
+                                   bs.seed if seed is None else seed, on_step) if denoise else c_hat
+        image = latent_to_image(model, latent, (bs.height, bs.width))[0]
+        step()
+        return image
+
+
+def decode_steps(model: DiffoCodec, data: bytes, denoise: bool = True) -> int:
+    """How many times `decode` calls `on_step` for this stream (read from its header)."""
+    bs = read_header(data)
+    return 2 + (len(tiling.latent_windows(*padded_latent_shape(model, bs.height, bs.width))) if denoise else 0)
 
 
 @dataclass
@@ -250,15 +269,23 @@ def denoise_latent(model: DiffoCodec, ctrl: ControlTiles) -> torch.Tensor:
 
 
 @torch.no_grad()
-def latent_from_c_hat(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int) -> torch.Tensor:
+def latent_from_c_hat(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int,
+                      on_step: Step | None = None) -> torch.Tensor:
     """Control + one-step denoise: ĉ → clean latent ẑ₀; `control` then `denoise_latent`, one tile at a time
-    (so a large image never holds every tile's control residuals at once)."""
+    (so a large image never holds every tile's control residuals at once); `on_step` after each tile."""
     quantize_unit(strength)
     c_hat = c_hat.to(model.device)
     noise = decoder_noise(tuple(c_hat.shape[1:]), seed)
     shape = tuple(c_hat.shape[-2:])
-    return tiling.blend(((win, model.denoise(_control_tile(model, c_hat, noise, strength, win)))
-                         for win in tiling.latent_windows(*shape)), shape)
+
+    def tiles():
+        for win in tiling.latent_windows(*shape):
+            piece = model.denoise(_control_tile(model, c_hat, noise, strength, win))
+            if on_step:
+                on_step()
+            yield win, piece
+
+    return tiling.blend(tiles(), shape)
 
 
 @torch.no_grad()

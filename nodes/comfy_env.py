@@ -88,7 +88,11 @@ class Progress:
         self._bar = comfy_utils.ProgressBar(self.total) if IN_COMFYUI else None
 
     def step(self, n: int = 1) -> None:
+        self.to(self.done + n)
+
+    def to(self, value: int) -> None:
+        """Move the bar to `value` (of `total`), after checking for Cancel."""
         check_interrupt()
-        self.done = min(self.total, self.done + n)
+        self.done = min(self.total, max(self.done, int(value)))
         if self._bar is not None:
             self._bar.update_absolute(self.done, self.total)

@@ -81,7 +81,7 @@ class DiffOCompare:
 
 
 class DiffOClassicalCodec:
-    DESCRIPTION = ("Compresses with a classical codec (JPEG, WebP, AVIF, JPEG 2000, JPEG XL) at the best "
+    DESCRIPTION = ("Compresses with a classical codec (JPEG, WebP, AVIF, JPEG 2000, JPEG XL, HEVC, VVC) at the best "
                    "quality whose real file fits the target bpp, and decodes it: the anchor to compare DiffO "
                    "with at the same size. Fails, saying so, when the codec cannot get that small.")
     CATEGORY = "DiffO/compare"

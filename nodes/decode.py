@@ -159,12 +159,11 @@ class DiffODecode:
                                          "ablation that shows what the step adds)."})}}
 
     def run(self, bitstream, diffo_model, strength_override, seed_override, denoise):
-        progress = comfy_env.Progress(len(bitstream))
+        progress = comfy_env.Progress(sum(pipeline.decode_steps(diffo_model, d, denoise) for d in bitstream))
         images = []
         for data in bitstream:
             comfy_env.check_interrupt()
-            images.append(pipeline.decode(diffo_model, data,
+            images.append(pipeline.decode(diffo_model, data, on_step=progress.step, denoise=denoise,
                                           strength=None if strength_override < 0 else strength_override,
-                                          seed=None if seed_override < 0 else seed_override, denoise=denoise))
-            progress.step()
+                                          seed=None if seed_override < 0 else seed_override))
         return (images_to_comfy(images),)

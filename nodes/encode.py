@@ -51,12 +51,13 @@ class DiffOEncode:
         target = {"target bpp": {"bpp": bpp}, "rate level": {"rate": rate},
                   "max bytes": {"max_bytes": max_bytes}}[rate_mode]
         images = images_from_comfy(image)
-        progress = comfy_env.Progress(len(images))
+        per_image = 1 if rate_mode == "rate level" else pipeline.SEARCH_STEPS
+        progress = comfy_env.Progress(len(images) * per_image)
         streams = Bitstreams()
-        for img in images:
+        for i, img in enumerate(images):
             comfy_env.check_interrupt()
-            streams.append(pipeline.encode(diffo_model, img, seed=decoder_seed,
+            streams.append(pipeline.encode(diffo_model, img, seed=decoder_seed, on_step=progress.step,
                                            strength=None if strength < 0 else strength, **target))
-            progress.step()
+            progress.to((i + 1) * per_image)
         bpps = [bits_per_pixel(len(s), im.shape[2], im.shape[1]) for s, im in zip(streams, images)]
         return (streams, sum(map(len, streams)), sum(bpps) / len(bpps))

@@ -286,3 +286,28 @@ def test_classical_codec_node_fits_the_target(plugin, photo):
     assert image.shape == original.shape and bpp <= 0.05 and n_bytes == round(bpp * 512 * 600 / 8)
     with pytest.raises(plugin.diffo.classical.TargetUnreachable, match="JPEG cannot reach 0.01 bpp"):
         node.run(original, "JPEG", 0.01)
+
+
+def test_decode_progress_counts_every_tile_and_ends_full(plugin, monkeypatch, tiny_model):
+    from diffo import pipeline
+
+    env = plugin.nodes.comfy_env
+    drawn = []
+
+    class Bar:
+        def __init__(self, total):
+            pass
+
+        def update_absolute(self, value, total):
+            drawn.append((value, total))
+
+    monkeypatch.setattr(env, "IN_COMFYUI", True)
+    monkeypatch.setattr(env, "comfy_utils", type("U", (), {"ProgressBar": Bar}))
+    monkeypatch.setattr(env, "model_management", type("M", (), {
+        "throw_exception_if_processing_interrupted": staticmethod(lambda: None)}))
+    streams = plugin.nodes.types.Bitstreams([pipeline.encode(tiny_model, torch.rand(3, 40, 1000), rate=0.4),
+                                             pipeline.encode(tiny_model, torch.rand(3, 40, 1000), rate=0.0)])
+    plugin.NODE_CLASS_MAPPINGS["DiffODecode"]().run(streams, tiny_model, -1.0, -1, True)
+    total = drawn[-1][1]
+    assert total == 2 * (2 + 2)  # per stream: entropy decoding, 2 denoiser tiles (1000 px: latent 128 wide), VAE
+    assert [v for v, _ in drawn] == list(range(1, total + 1))

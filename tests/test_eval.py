@@ -1,0 +1,162 @@
+"""`python -m diffo eval` and `bench` plumbing on small synthetic images: bisection, bpp accounting, caching,
+metric sanity, BD-rate (no timing assertions: speed lives in the bench command)."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffo import classical, evaluation, tiling
+from diffo.metrics import MetricUnavailable, learned_metric
+
+
+def _images(folder, n=2, h=64, w=96):
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        low = torch.rand(1, 3, h // 16, w // 16, generator=g)
+        img = torch.nn.functional.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_model):
+    return tiny_model.save_pretrained(tmp_path / "model")
+
+
+def test_eval_rows_accounting_cache_and_outputs(tmp_path, model_dir, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-hub"))  # LPIPS/DISTS weights absent
+    images = evaluation.list_images(_images(tmp_path / "imgs"))
+    codecs = ["diffo", "diffo-nodenoise", "jpeg2000", "jpeg"]
+    ev = evaluation.Evaluation(images=images, bpps=[0.3, 4.0], codecs=codecs, out=tmp_path / "out",
+                               model_source=str(model_dir))
+    rows = evaluation.run(ev)
+    assert len(rows) == 2 * 2 * 4
+    with open(tmp_path / "out" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[:7] == ["image", "codec", "target_bpp", "bpp", "bytes", "psnr", "ms_ssim"]
+    assert {"haarpsi", "gmsd", "note"} <= set(table[0])
+    for row in table:
+        if row["note"]:  # unreachable: said so, no invented figures
+            assert "cannot reach" in row["note"] and row["bpp"] == row["psnr"] == ""
+            continue
+        assert float(row["bpp"]) == pytest.approx(8 * int(row["bytes"]) / (64 * 96), rel=1e-5)
+        if row["codec"] not in evaluation.DIFFO_CODECS:
+            assert float(row["bpp"]) <= float(row["target_bpp"])
+        assert row["ms_ssim"] == ""  # 64x96 is below MS-SSIM's 161 px: not measured, not made up
+    jpeg_low = [r for r in table if r["codec"] == "jpeg" and r["target_bpp"] == "0.3"]
+    assert all(r["note"] for r in jpeg_low)  # JPEG's headers alone exceed 0.3 bpp at 64x96
+    # DiffO and its ablation decode the very same stream
+    by = {(r["image"], r["codec"], r["target_bpp"]): r for r in table}
+    for im in ("im0.png", "im1.png"):
+        stream = (tmp_path / "out" / "points" / im[:-4] / "diffo@4.diffo").read_bytes()
+        assert int(by[(im, "diffo", "4")]["bytes"]) == int(by[(im, "diffo-nodenoise", "4")]["bytes"]) == len(stream)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| jpeg | 0.3 | 0/2 |" in summary and "LPIPS not measured" in summary and "DISTS not measured" in summary
+    assert (tmp_path / "out" / "rd_psnr.png").is_file()
+    # resumable: cached points are not computed again
+    calls = []
+    monkeypatch.setattr(classical, "encode_to_bpp", lambda *a, **k: calls.append(a))
+    evaluation.run(evaluation.Evaluation(images=images, bpps=[0.3, 4.0], codecs=codecs, out=tmp_path / "out",
+                                         model_source=str(model_dir)))
+    assert calls == []
+
+
+def test_codec_names_are_checked():
+    assert evaluation.parse_codecs("diffo, AVIF") == ["diffo", "avif"]
+    with pytest.raises(ValueError, match="unknown codec"):
+        evaluation.parse_codecs("diffo,bpg")
+    assert evaluation.parse_codecs(None)[:2] == ["diffo", "diffo-nodenoise"]
+
+
+def test_bd_rate_on_known_curves():
+    anchor = [(0.05, 25.0), (0.1, 28.0), (0.2, 31.0), (0.4, 34.0)]
+    cheaper = [(b * 0.8, q) for b, q in anchor]  # same quality for 20 % fewer bits
+    assert evaluation.bd_rate(anchor, cheaper) == pytest.approx(-20.0, abs=1e-6)
+    assert evaluation.bd_rate(anchor, anchor) == pytest.approx(0.0, abs=1e-9)
+    assert evaluation.bd_rate(anchor, [(0.1, 15.0), (0.2, 16.0)]) is None  # no overlap in quality
+    assert evaluation.bd_rate(anchor, [(0.1, 26.0)]) is None  # one point is not a curve
+
+
+def test_learned_metrics_are_not_measured_without_local_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(MetricUnavailable, match="lpips_weights.pt, vgg16-397923af.pth not in"):
+        learned_metric("lpips")
+
+
+def test_ycbcr_conversion_round_trips_within_rounding():
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    back = classical.ycbcr_planes_to_rgb(classical.rgb_to_ycbcr_planes(rgb), 16, 24)
+    assert np.abs(back.astype(int) - rgb).max() <= 2
+    grey = np.full((4, 4, 3), 100, np.uint8)
+    planes = np.frombuffer(classical.rgb_to_ycbcr_planes(grey), np.uint8).reshape(3, 4, 4)
+    assert (planes[0] == 100).all() and (planes[1:] == 128).all()  # full-range BT.601: grey has neutral chroma
+
+
+# ---------------------------------------------------------------------------------------------- tiling
+def test_windows_cover_the_latent_on_the_unet_grid():
+    wins = tiling.latent_windows(200, 96)
+    covered = torch.zeros(200, 96, dtype=torch.int)
+    for ys, xs in wins:
+        covered[ys, xs] += 1
+        assert ys.start % 8 == 0 and (ys.stop - ys.start) == tiling.TILE_LATENT
+    assert covered.min() >= 1
+    assert tiling.latent_windows(96, 64) == [(slice(0, 96), slice(0, 64))]  # Kodak size: one piece
+
+
+def test_blend_reassembles_a_field_and_keeps_one_tile_exact():
+    x = torch.randn(1, 4, 200, 136)
+    wins = tiling.latent_windows(200, 136)
+    assert len(wins) > 1
+    y = tiling.blend(((w, x[..., w[0], w[1]]) for w in wins), (200, 136))
+    assert torch.allclose(y, x, atol=1e-6)
+    z = torch.randn(1, 4, 64, 64)
+    assert tiling.blend([((slice(0, 64), slice(0, 64)), z)], (64, 64)) is z
+
+
+def test_tiled_image_decodes_identically_through_the_split_nodes(plugin, tiny_model):
+    from diffo import pipeline
+
+    img = torch.rand(3, 40, 1000)  # wider than a VAE tile and a denoiser tile
+    data = pipeline.encode(tiny_model, img, rate=0.5)
+    bs, c_hat = pipeline.entropy_decode(tiny_model, data)
+    assert len(tiling.latent_windows(*c_hat.shape[-2:])) > 1
+    whole = pipeline.decode(tiny_model, data)
+    assert whole.shape == (3, 40, 1000)
+    m = plugin.NODE_CLASS_MAPPINGS
+    streams = plugin.nodes.types.Bitstreams([data])
+    coded = m["DiffOEntropyDecode"]().run(streams, tiny_model)[0]
+    ctrl = m["DiffOControl"]().run(coded, tiny_model)[0]
+    assert len(ctrl.outputs[0].tiles) > 1
+    latent = m["DiffOOneStepDenoise"]().run(ctrl, tiny_model, -1.0, -1)[0]
+    image = m["DiffOLatentToImage"]().run(latent, tiny_model)[0]
+    assert torch.equal(image[0], whole.permute(1, 2, 0))
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def test_multi_step_sampler_reduces_to_the_one_step_decoder(tiny_model):
+    from diffo import bench, pipeline
+
+    data = pipeline.encode(tiny_model, torch.rand(3, 48, 64), rate=0.6)
+    bs, c_hat = pipeline.entropy_decode(tiny_model, data)
+    one = pipeline.latent_from_c_hat(tiny_model, c_hat, bs.strength, bs.seed)
+    assert torch.allclose(bench.multi_step_latent(tiny_model, c_hat, bs.strength, bs.seed, 1), one, atol=1e-5)
+    many = bench.multi_step_latent(tiny_model, c_hat, bs.strength, bs.seed, 5)
+    assert many.shape == one.shape and torch.isfinite(many).all() and not torch.allclose(many, one)
+
+
+def test_scaling_runs_each_size_in_its_own_process(model_dir):
+    from diffo import bench
+
+    (row,) = bench.bench_scaling([0.01], str(model_dir))
+    assert "error" not in row, row
+    w, h = map(int, row["size"].split("x"))
+    assert row["decoded"] == [3, h, w] and row["megapixels"] == pytest.approx(h * w / 1e6)
+    assert row["peak_rss_mib"] >= row["peak_rss_mib_after_encode"] > 0
+    assert math.isfinite(row["decode_s_per_mp"])
+    json.dumps(row)
