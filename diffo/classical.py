@@ -163,7 +163,8 @@ CODECS: dict[str, ClassicalCodec] = {c.name: c for c in (
         ["-c:v", "libx265", "-preset", "medium", "-x265-params", "qp={qp}:info=0:log-level=error"], "hevc"),
         (51, 0), True, _ffmpeg_encoder("libx265")),
     ClassicalCodec("vvc", "VVC (vvenc 4:4:4)", *_video_codec(
-        ["-c:v", "libvvenc", "-preset", "fast", "-qp", "{qp}"], "vvc"), (63, 0), True, _ffmpeg_encoder("libvvenc")),
+        ["-c:v", "libvvenc", "-preset", "fast", "-qp", "{qp}"], "vvc"),
+        (63, 1), True, _ffmpeg_encoder("libvvenc")),  # vvenc fails at QP 0 on some photos (e.g. kodim13)
 )}
 
 

@@ -224,6 +224,17 @@ def _fmt(v: float, metric: str) -> str:
     return f"{v:.2f}" if metric == "psnr" else f"{v:.4f}"
 
 
+def _no_bd_reason(anchor, test, metric: str, sign: int) -> str:
+    if len(anchor) < 2 or len(test) < 2:
+        return "n/a (fewer than 2 complete targets)"
+    for name, pts in (("AVIF", anchor), ("this codec", test)):
+        qs = [q for _, q in sorted(pts)]
+        if any(b <= a for a, b in zip(qs, qs[1:])):
+            return f"n/a ({name}'s {metric} does not rise with rate)"
+    rng = lambda pts: f"{_fmt(min(sign * q for _, q in pts), metric)}–{_fmt(max(sign * q for _, q in pts), metric)}"  # noqa: E731
+    return f"n/a (no overlap: {rng(test)} vs AVIF {rng(anchor)})"
+
+
 def summary_markdown(ev: Evaluation, means: dict[str, list[dict]]) -> str:
     lines = [f"# DiffO rate-distortion: {len(ev.images)} images, targets {', '.join(f'{b:g}' for b in ev.bpps)} bpp",
              "", "Means over the images that reached each target (a codec that cannot make a file that small for "
@@ -242,9 +253,10 @@ def summary_markdown(ev: Evaluation, means: dict[str, list[dict]]) -> str:
             cells = []
             for m in ev.metrics:
                 sign = -1 if m in LOWER_IS_BETTER else 1  # BD integrates over rising quality
-                pts = lambda c: [(p["bpp"], sign * p[m]) for p in means.get(c, []) if p["complete"]]  # noqa: E731
-                v = bd_rate(pts("avif"), pts(codec))
-                cells.append("n/a (no overlap)" if v is None else f"{v:+.1f} %")
+                anchor = [(p["bpp"], sign * p[m]) for p in means.get("avif", []) if p["complete"]]
+                test = [(p["bpp"], sign * p[m]) for p in means.get(codec, []) if p["complete"]]
+                v = bd_rate(anchor, test)
+                cells.append(f"{v:+.1f} %" if v is not None else _no_bd_reason(anchor, test, m, sign))
             lines.append(f"| {codec} | " + " | ".join(cells) + " |")
     if ev.unavailable:
         lines += ["", "## Not measured", ""] + [f"- {why}" for why in ev.unavailable.values()]
