@@ -161,8 +161,10 @@ def write_outputs(ev: Evaluation, rows: list[dict]) -> None:
 
     for metric in ev.metrics:
         series = {c: [(p["bpp"], p[metric]) for p in pts if p["complete"]] for c, pts in means.items()}
+        partial = {c: [(p["bpp"], p[metric]) for p in pts if not p["complete"] and p["reached"]]
+                   for c, pts in means.items()}
         plot = rd_plot(series, metric, f"{metric}, mean of {len(ev.images)} images per target",
-                       higher_is_better=metric not in LOWER_IS_BETTER)
+                       higher_is_better=metric not in LOWER_IS_BETTER, partial=partial)
         save_image_atomic(ev.out / f"rd_{metric}.png", plot, force=True)
 
 

@@ -38,27 +38,39 @@ def comparison_picture(original: torch.Tensor, recons: Sequence[tuple[str, torch
 
 
 def rd_plot(series: dict[str, list[tuple[float, float]]], metric: str, title: str = "",
-            higher_is_better: bool = True) -> Image.Image:
-    """One rate-distortion curve per codec: `series[codec] = [(bpp, value), …]` → a PNG-ready PIL image."""
+            higher_is_better: bool = True, partial: dict[str, list[tuple[float, float]]] | None = None) -> Image.Image:
+    """One rate-distortion curve per codec: `series[codec] = [(bpp, value), …]` → a PNG-ready PIL image.
+    `partial` points (e.g. means over only some of the images) are drawn as hollow markers, unjoined."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure  # not pyplot: no global state, safe in a server thread
 
+    def finite(points):
+        return sorted((b, v) for b, v in points if math.isfinite(b) and math.isfinite(v))
+
     fig = Figure(figsize=(6.4, 4.4), dpi=100)
     ax = fig.add_subplot()
-    for name, points in series.items():
-        pts = sorted((b, v) for b, v in points if math.isfinite(b) and math.isfinite(v))
+    partial = partial or {}
+    for i, name in enumerate(dict.fromkeys([*series, *partial])):
+        color = f"C{i % 10}"
+        pts = finite(series.get(name, []))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=color,
                     linewidth=2.2 if name.startswith("diffo") else 1.4)
+        extra = finite(partial.get(name, []))
+        if extra:
+            ax.plot([p[0] for p in extra], [p[1] for p in extra], linestyle="none", marker="o", markersize=7,
+                    markerfacecolor="none", color=color, label=None if pts else f"{name} (partial)")
     ax.set_xlabel("bits per pixel")
     ax.set_ylabel(metric + ("" if higher_is_better else " (lower is better)"))
     ax.set_title(title or f"{metric} vs rate")
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend()
-    fig.tight_layout()
+        ax.legend(fontsize=8)
+    if any(partial.values()):
+        fig.text(0.01, 0.01, "hollow: mean over only the images the codec could code that small", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     buf.seek(0)
