@@ -33,7 +33,7 @@ SCALING_MP = (0.25, 1.0, 4.0, 16.0)
 PARTS = ("stages", "steps", "compressai", "scaling", "sd")
 
 
-def test_image(h: int, w: int) -> torch.Tensor:
+def bench_image(h: int, w: int) -> torch.Tensor:
     """The sample photo resized to h x w (a real photo, reproducible, no data download)."""
     photo = load_image(sample_photo())
     return torch.nn.functional.interpolate(photo[None], size=(h, w), mode="bilinear", antialias=True,
@@ -60,7 +60,7 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def bench_stages(model, repeats: int) -> dict:
     h, w = BENCH_SIZE
-    img = test_image(h, w)
+    img = bench_image(h, w)
     data = pipeline.encode(model, img, bpp=0.1)
     bs, c_hat = pipeline.entropy_decode(model, data)
     enc = pipeline.analyse(model, img)
@@ -122,7 +122,7 @@ def multi_step_latent(model, c_hat: torch.Tensor, strength: float, seed: int, st
 
 def bench_steps(model, repeats: int, steps: int = 50) -> dict:
     h, w = BENCH_SIZE
-    data = pipeline.encode(model, test_image(h, w), bpp=0.1)
+    data = pipeline.encode(model, bench_image(h, w), bpp=0.1)
     bs, c_hat = pipeline.entropy_decode(model, data)
     with pipeline.reproducible():
         one = median_time(lambda: pipeline.latent_from_c_hat(model, c_hat, bs.strength, bs.seed), repeats)
@@ -142,7 +142,7 @@ def bench_compressai(model, repeats: int) -> dict:
     from compressai.zoo.image import MeanScaleHyperprior
 
     h, w = BENCH_SIZE
-    img = test_image(h, w)
+    img = bench_image(h, w)
     torch.manual_seed(0)
     msh = MeanScaleHyperprior(N=128, M=192).eval()
     msh.update(force=True)
@@ -166,7 +166,7 @@ def _scaling_child(mp: float, model_source: str | None) -> dict:
     side_h = int(round(mp * 1e6 / side_w / 8)) * 8
     if mp >= 16:
         side_h = side_w = 4096  # the 4096x4096 decode the issue asks about
-    img = test_image(side_h, side_w)
+    img = bench_image(side_h, side_w)
     model = load_model(model_source)
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (MiB, Linux)
     t0 = time.perf_counter()
@@ -213,7 +213,7 @@ def bench_sd(repeats: int, force: bool) -> dict:
     torch.nn.Module.to(model, device=device, dtype=dtype)
     model.latent_codec.to(torch.float32)
     h, w = BENCH_SIZE
-    data = pipeline.encode(model, test_image(h, w), rate=0.5)
+    data = pipeline.encode(model, bench_image(h, w), rate=0.5)
 
     def decode():
         pipeline.decode(model, data, fast=True)

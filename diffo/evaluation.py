@@ -132,9 +132,11 @@ def run(ev: Evaluation) -> list[dict]:
     for name in LEARNED:
         try:
             measures[name] = learned_metric(name)
-            ev.metrics.append(name)
         except MetricUnavailable as e:
             ev.unavailable[name] = str(e)
+        else:
+            if name not in ev.metrics:
+                ev.metrics.append(name)
     model = load_model(ev.model_source) if set(ev.codecs) & set(DIFFO_CODECS) else None
     rows: list[dict] = []
     total = len(ev.images) * len(ev.bpps) * len(ev.codecs)

@@ -238,10 +238,17 @@ def decode_steps(model: DiffoCodec, data: bytes, denoise: bool = True) -> int:
 
 @dataclass
 class ControlTiles:
-    """The control module's output for each tile of a latent (one tile up to 1024 px a side; tiling.py)."""
+    """The control module's output for each tile of a latent (a single tile up to 768 px a side; tiling.py)."""
 
     shape: tuple[int, int]  # the whole latent's (h, w)
     tiles: list[tuple[tiling.Window, ControlOutput]]
+
+
+def _tile_inputs(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int):
+    """ĉ on the model's device, the decoder noise for the whole latent, and the latent's (h, w)."""
+    quantize_unit(strength)  # validates
+    c_hat = c_hat.to(model.device)
+    return c_hat, decoder_noise(tuple(c_hat.shape[1:]), seed), tuple(c_hat.shape[-2:])
 
 
 def _control_tile(model: DiffoCodec, c_hat: torch.Tensor, noise: torch.Tensor, strength: float,
@@ -254,10 +261,7 @@ def _control_tile(model: DiffoCodec, c_hat: torch.Tensor, noise: torch.Tensor, s
 def control(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int) -> ControlTiles:
     """ĉ [1, C, h, w] → the control module's output, per tile: the noisy start x_t (noise from `seed`, its
     amount from `strength`), the timestep and the residuals that steer the UNet."""
-    quantize_unit(strength)  # validates
-    c_hat = c_hat.to(model.device)
-    noise = decoder_noise(tuple(c_hat.shape[1:]), seed)
-    shape = tuple(c_hat.shape[-2:])
+    c_hat, noise, shape = _tile_inputs(model, c_hat, strength, seed)
     return ControlTiles(shape, [(win, _control_tile(model, c_hat, noise, strength, win))
                                 for win in tiling.latent_windows(*shape)])
 
@@ -273,10 +277,7 @@ def latent_from_c_hat(model: DiffoCodec, c_hat: torch.Tensor, strength: float, s
                       on_step: Step | None = None) -> torch.Tensor:
     """Control + one-step denoise: ĉ → clean latent ẑ₀; `control` then `denoise_latent`, one tile at a time
     (so a large image never holds every tile's control residuals at once); `on_step` after each tile."""
-    quantize_unit(strength)
-    c_hat = c_hat.to(model.device)
-    noise = decoder_noise(tuple(c_hat.shape[1:]), seed)
-    shape = tuple(c_hat.shape[-2:])
+    c_hat, noise, shape = _tile_inputs(model, c_hat, strength, seed)
 
     def tiles():
         for win in tiling.latent_windows(*shape):
