@@ -1,4 +1,4 @@
-"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, eval, bench, train.
+"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, eval, bench, fuzz, train.
 
 Errors on bad input (missing file, not an image, damaged or foreign stream, wrong model, existing output)
 print one line `diffo: error: …` and exit with status 2; no traceback. Outputs are written atomically and
@@ -56,7 +56,8 @@ def cmd_decompress(args) -> int:
         raise DiffoError(f"{out} exists; pass --force to overwrite it")
     data = _read_stream(src)
     pipeline.read_header(data)  # a damaged file fails before the model loads
-    img = pipeline.decode(_model(args), data, strength=args.strength, seed=args.seed, fast=args.fast)
+    img = pipeline.decode(_model(args), data, strength=args.strength, seed=args.seed, fast=args.fast,
+                          max_pixels=args.max_pixels)
     save_image_atomic(out, img, force=args.force)
     print(f"{out}: {img.shape[2]}x{img.shape[1]} PNG")
     return 0
@@ -135,6 +136,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_fuzz(args) -> int:
+    from tqdm import tqdm
+
+    from . import fuzz
+    from .fileio import write_atomic
+
+    if args.out and Path(args.out).exists() and not args.force:
+        raise DiffoError(f"{args.out} exists; pass --force to overwrite it")
+    with tqdm(total=args.n, desc="fuzz", unit="case") as bar:
+        report = fuzz.run(_model(args), args.n, seed=args.seed, max_pixels=args.max_pixels, progress=bar.update)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        write_atomic(Path(args.out), (text + "\n").encode(), force=args.force)
+    return 1 if report["crashes"] else 0
+
+
 def cmd_train(args) -> int:
     from .training.train import TrainConfig, train
 
@@ -178,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=None, help="override the stream's noise seed")
     d.add_argument("--fast", action="store_true", help="use oneDNN: faster on CPU, but pixels may then differ "
                    "in the last bit between thread counts")
+    d.add_argument("--max-pixels", type=int, default=None, help="refuse streams that claim a larger image "
+                   "(a budget for decoding untrusted files: time and memory grow with the claimed size)")
     d.add_argument("--force", action="store_true", help="overwrite an existing output")
     d.set_defaults(func=cmd_decompress)
 
@@ -221,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--sd", action="store_true", help="time the SD 2.1-size configuration even without a GPU")
     b.add_argument("--force", action="store_true", help="overwrite --out")
     b.set_defaults(func=cmd_bench)
+
+    f = sub.add_parser("fuzz", help="decode N mutated, truncated, spliced and forged streams; count crashes")
+    f.add_argument("--n", type=int, default=10000, help="number of cases")
+    f.add_argument("--seed", type=int, default=0, help="random seed of the mutations (a run is reproducible)")
+    f.add_argument("--max-pixels", type=int, default=65536, help="decoder pixel budget for forged sizes")
+    f.add_argument("--model", default=None, help=model_help)
+    f.add_argument("--out", default=None, help="also write the JSON report to this file")
+    f.add_argument("--force", action="store_true", help="overwrite --out")
+    f.set_defaults(func=cmd_fuzz)
 
     t = sub.add_parser("train", help="train a model (resumable)")
     t.add_argument("--config", choices=["tiny", "sd"], default="tiny")

@@ -170,9 +170,15 @@ def read_header(data: bytes) -> Bitstream:
 
 
 @torch.no_grad()
-def entropy_decode(model: DiffoCodec, data: bytes | Bitstream) -> tuple[Bitstream, torch.Tensor]:
-    """Container → (header, ĉ [1, C, h, w] at the padded latent size). Checks the model fingerprint."""
+def entropy_decode(model: DiffoCodec, data: bytes | Bitstream,
+                   max_pixels: int | None = None) -> tuple[Bitstream, torch.Tensor]:
+    """Container → (header, ĉ [1, C, h, w] at the padded latent size). Checks the model fingerprint and,
+    when given, that the image is at most `max_pixels` (decoding time and memory grow with the size the header
+    claims, so a service decoding untrusted files sets a budget)."""
     bs = data if isinstance(data, Bitstream) else read_header(data)
+    if max_pixels is not None and bs.width * bs.height > max_pixels:
+        raise BitstreamError(f"this stream claims a {bs.width}x{bs.height} image ({bs.width * bs.height} pixels), "
+                             f"more than this decoder's limit of {max_pixels} pixels (raise max_pixels to decode it)")
     if bs.fingerprint != model.fingerprint:
         raise ModelMismatchError(
             f"this stream was made by model {bs.fingerprint.hex()}, but the loaded model "
@@ -211,17 +217,18 @@ def reproducible(fast: bool = False):
 
 @torch.no_grad()
 def decode(model: DiffoCodec, data: bytes, *, strength: float | None = None, seed: int | None = None,
-           denoise: bool = True, fast: bool = False, on_step: Step | None = None) -> torch.Tensor:
+           denoise: bool = True, fast: bool = False, on_step: Step | None = None,
+           max_pixels: int | None = None) -> torch.Tensor:
     """`.diffo` bytes → image [3, H, W] in [0, 1]. `strength`/`seed` override the stream's noise settings;
     `denoise=False` skips the diffusion step (VAE-decodes ĉ directly: the ablation); `fast`: see
     `reproducible`. The same as `entropy_decode` → `control` → `denoise_latent` → `latent_to_image`.
     `on_step` is called after entropy decoding, after each denoiser tile and after the VAE decoder
-    (`decode_steps` of them)."""
+    (`decode_steps` of them). `max_pixels`: refuse streams that claim a larger image (see `entropy_decode`)."""
     if strength is not None:
         quantize_unit(strength)
     step = on_step or (lambda: None)
     with reproducible(fast):  # g_s inside entropy_decode is a float network too
-        bs, c_hat = entropy_decode(model, data)
+        bs, c_hat = entropy_decode(model, data, max_pixels)
         step()
         latent = latent_from_c_hat(model, c_hat, bs.strength if strength is None else strength,
                                    bs.seed if seed is None else seed, on_step) if denoise else c_hat
