@@ -117,22 +117,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _refuse_existing_out(args) -> None:
+    """Fail before the (long) work when --out would replace a file without --force."""
+    if args.out and Path(args.out).exists() and not args.force:
+        raise DiffoError(f"{args.out} exists; pass --force to overwrite it")
+
+
+def _report_json(args, report: dict) -> None:
+    """Print a JSON report and, with --out, write it atomically."""
+    from .fileio import write_atomic
+
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        write_atomic(Path(args.out), (text + "\n").encode(), force=args.force)
+
+
 def cmd_bench(args) -> int:
     from . import bench
-    from .fileio import write_atomic
     from .sweep import parse_floats
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - set(bench.PARTS)
     if unknown:
         raise ValueError(f"unknown bench part(s) {sorted(unknown)}; known: {', '.join(bench.PARTS)}")
-    if args.out and Path(args.out).exists() and not args.force:
-        raise DiffoError(f"{args.out} exists; pass --force to overwrite it")
-    result = bench.run(parts, args.repeats, parse_floats(args.sizes, "--sizes"), args.model, args.sd)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        write_atomic(Path(args.out), (text + "\n").encode(), force=args.force)
+    _refuse_existing_out(args)
+    _report_json(args, bench.run(parts, args.repeats, parse_floats(args.sizes, "--sizes"), args.model, args.sd))
     return 0
 
 
@@ -140,16 +150,12 @@ def cmd_fuzz(args) -> int:
     from tqdm import tqdm
 
     from . import fuzz
-    from .fileio import write_atomic
 
-    if args.out and Path(args.out).exists() and not args.force:
-        raise DiffoError(f"{args.out} exists; pass --force to overwrite it")
+    _refuse_existing_out(args)
     with tqdm(total=args.n, desc="fuzz", unit="case") as bar:
-        report = fuzz.run(_model(args), args.n, seed=args.seed, max_pixels=args.max_pixels, progress=bar.update)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        write_atomic(Path(args.out), (text + "\n").encode(), force=args.force)
+        report = fuzz.run(_model(args), args.n, seed=args.seed, progress=bar.update,
+                          max_pixels=args.max_pixels or fuzz.DEFAULT_MAX_PIXELS)
+    _report_json(args, report)
     return 1 if report["crashes"] else 0
 
 
@@ -245,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fuzz", help="decode N mutated, truncated, spliced and forged streams; count crashes")
     f.add_argument("--n", type=int, default=10000, help="number of cases")
     f.add_argument("--seed", type=int, default=0, help="random seed of the mutations (a run is reproducible)")
-    f.add_argument("--max-pixels", type=int, default=65536, help="decoder pixel budget for forged sizes")
+    f.add_argument("--max-pixels", type=int, default=None, help="decoder pixel budget for forged sizes "
+                   "(default 256x256: decoding time grows with the size a header claims)")
     f.add_argument("--model", default=None, help=model_help)
     f.add_argument("--out", default=None, help="also write the JSON report to this file")
     f.add_argument("--force", action="store_true", help="overwrite --out")
