@@ -165,7 +165,8 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     if (out / "checkpoint" / "progress.json").is_file() and not args.resume:
         raise DiffoError(f"{out} holds a training checkpoint: pass --resume to continue it, or choose another --out")
-    cfg = TrainConfig(config=args.config, sd_path=args.sd, data=args.data, out=str(out),
+    cfg = TrainConfig(config=args.config, sd_path=args.sd, init=args.init, mixed_precision=args.mixed_precision,
+                      data=args.data, out=str(out),
                       minutes={"vae": args.minutes_vae, "codec": args.minutes_codec, "denoiser": args.minutes_denoiser},
                       steps={"vae": args.steps, "codec": args.steps, "denoiser": args.steps})
     folder = train(cfg)
@@ -261,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model (resumable)")
     t.add_argument("--config", choices=["tiny", "sd"], default="tiny")
     t.add_argument("--sd", default=None, help="for --config sd: diffusers SD 2.1 / SD-Turbo folder or repo id")
+    t.add_argument("--init", default=None, help="start from this saved model folder (continued training)")
+    t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="autocast for the VAE and denoiser stages (bf16: ~1.7x faster on CPUs with bf16)")
     t.add_argument("--data", nargs="+", required=True, help="folders of training photos (never Kodak)")
     t.add_argument("--out", required=True, help="run folder (checkpoints, logs, final model)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")

@@ -11,6 +11,7 @@ VAE decoder → crop. Images are decoded one at a time, so a batch gives the sam
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -198,21 +199,38 @@ def decoder_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(seed)))
 
 
+_exact_lock = threading.Lock()
+_exact_users = 0  # reproducible (oneDNN-off) sections running now, in any thread
+_mkldnn_before = True  # the setting to restore when the last of them ends
+
+
 @contextmanager
 def reproducible(fast: bool = False):
     """Context for the float networks of decoding. By default oneDNN (mkldnn) is off on the CPU: its
     convolutions change their summation order with the thread count, so pixels would differ between a
     1-thread and a 2-thread decode. im2col + GEMM gives identical pixels, 2-3x slower; `fast=True`
     keeps oneDNN (pixels then agree only to float rounding). Entropy decoding is exact either way.
-    (Not `torch.backends.mkldnn.flags`: it also touches the TF32 setting and warns on every call.)
-    The switch is process-wide: a `fast` decode that ends while a reproducible one runs in another thread
-    turns oneDNN back on under it, so do not mix the two modes in concurrent threads."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = previous and fast
+    PyTorch's switch is process-wide, so exact sections are counted across threads: oneDNN goes off when
+    the first starts and back to its old setting when the last ends. A `fast` section never turns it back on
+    under an exact one (it runs exact while one is active: same result, slower), so concurrent decodes in
+    threads (queued ComfyUI prompts, a server) stay reproducible.
+    (Not `torch.backends.mkldnn.flags`: it also touches the TF32 setting and warns on every call.)"""
+    global _exact_users, _mkldnn_before
+    if fast:
+        yield
+        return
+    with _exact_lock:
+        if _exact_users == 0:
+            _mkldnn_before = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+        _exact_users += 1
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = previous
+        with _exact_lock:
+            _exact_users -= 1
+            if _exact_users == 0:
+                torch.backends.mkldnn.enabled = _mkldnn_before
 
 
 @torch.no_grad()

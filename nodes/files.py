@@ -48,6 +48,10 @@ def save_streams(streams: list[bytes], output_dir: Path, prefix: str) -> list[Pa
                 break
             except OutputExistsError:  # another save took this counter meanwhile: take the next one
                 continue
+            except OSError as e:  # disk full, read-only folder...: say which file, and what is already safe
+                done = f"; already saved: {', '.join(p.name for p in paths)}" if paths else ""
+                raise OSError(e.errno, f"could not save {path}: {e.strerror or e} (no partial file was left"
+                                       f"{done})") from e
     return paths
 
 

@@ -172,6 +172,37 @@ def test_save_never_overwrites_and_stays_in_the_output_folder(plugin, comfy_dirs
     assert files.next_free_path(comfy_dirs["output"], "fresh").name == "fresh_00001.diffo"
 
 
+def test_save_on_a_full_disk_leaves_no_partial_file_and_names_the_file(plugin, comfy_dirs, tiny_model,
+                                                                       monkeypatch):
+    import errno
+    import os
+    import stat
+
+    from diffo import fileio, pipeline
+
+    save = plugin.NODE_CLASS_MAPPINGS["DiffOSaveBitstream"]()
+    streams = plugin.nodes.types.Bitstreams(pipeline.encode(tiny_model, torch.rand(3, 16, 16), rate=r) for r in (0, 1))
+    out = comfy_dirs["output"]
+    (out / "full_00001.diffo").write_bytes(b"user's file")
+    real_fsync, calls = fileio.os.fsync, []
+
+    def disk_fills_on_the_second_file(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # file data, not the folder's entry
+            calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", disk_fills_on_the_second_file)
+    with pytest.raises(OSError, match=r"could not save .*full_00003\.diffo: No space left on device .*"
+                                      r"already saved: full_00002\.diffo") as err:
+        save.save(streams, "full")
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in out.iterdir()) == ["full_00001.diffo", "full_00002.diffo"]  # no temp, no partial
+    assert (out / "full_00001.diffo").read_bytes() == b"user's file"
+    assert (out / "full_00002.diffo").read_bytes() == streams[0]
+
+
 def test_load_bitstream_reads_only_the_input_folder(plugin, comfy_dirs, tmp_path):
     load_cls = plugin.NODE_CLASS_MAPPINGS["DiffOLoadBitstream"]
     sub = comfy_dirs["input"] / "streams"
