@@ -6,6 +6,9 @@ warm-up run; ratios are measured in the same run. JSON out.
     compressai  our decode vs CompressAI's MeanScaleHyperprior (random weights) on the same image
     scaling     encode and decode time per megapixel from 0.25 to 16 MP, and peak memory of each decode,
                 each size in a fresh process (so peaks do not mix)
+    sizes       the same for the awkward and huge sizes real images have (1x1, 1xN, 7x5, 4097x2049,
+                8192x8192: `--shapes`): each must encode and decode to its own size in bounded memory
+                (not in the default parts: 8192x8192 takes about half an hour on 2 CPU cores)
     sd          the paper-scale configuration (Stable Diffusion 2.1 size, random weights) at 512x768 in
                 fp16 on a GPU, one-step decode time; skipped without a GPU unless asked for
 """
@@ -30,7 +33,8 @@ from .image import load_image
 
 BENCH_SIZE = (512, 768)  # H, W: Kodak's landscape size
 SCALING_MP = (0.25, 1.0, 4.0, 16.0)
-PARTS = ("stages", "steps", "compressai", "scaling", "sd")
+PARTS = ("stages", "steps", "compressai", "scaling", "sd", "sizes")
+SHAPES = ((1, 1), (1, 300), (7, 5), (4097, 2049), (8192, 8192))  # W x H
 
 
 def bench_image(h: int, w: int) -> torch.Tensor:
@@ -156,16 +160,20 @@ def bench_compressai(model, repeats: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ scaling
-def _scaling_child(mp: float, model_source: str | None) -> dict:
-    """Runs in a fresh process: encode then decode one image of `mp` megapixels; peak RSS after each."""
+def _mp_shape(mp: float) -> tuple[int, int]:
+    """(W, H) of a 3:2 landscape of `mp` megapixels, multiples of 8; 16 MP is 4096x4096."""
+    if mp >= 16:
+        return 4096, 4096
+    side_w = int(round((mp * 1e6 * 1.5) ** 0.5 / 8)) * 8
+    return side_w, int(round(mp * 1e6 / side_w / 8)) * 8
+
+
+def _scaling_child(side_w: int, side_h: int, model_source: str | None) -> dict:
+    """Runs in a fresh process: encode then decode one side_w x side_h image; peak RSS after each."""
     import resource
 
     from .hub import load_model
 
-    side_w = int(round((mp * 1e6 * 1.5) ** 0.5 / 8)) * 8  # 3:2 landscape, multiple of 8
-    side_h = int(round(mp * 1e6 / side_w / 8)) * 8
-    if mp >= 16:
-        side_h = side_w = 4096  # the 4096x4096 decode the issue asks about
     img = bench_image(side_h, side_w)
     model = load_model(model_source)
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731  (MiB, Linux)
@@ -180,22 +188,38 @@ def _scaling_child(mp: float, model_source: str | None) -> dict:
     megapixels = side_h * side_w / 1e6
     return {"size": f"{side_w}x{side_h}", "megapixels": megapixels, "bytes": len(data), "encode_s": t_enc,
             "decode_s": t_dec, "encode_s_per_mp": t_enc / megapixels, "decode_s_per_mp": t_dec / megapixels,
-            "peak_rss_mib_after_encode": peak_enc, "peak_rss_mib": rss(), "decoded": list(rec.shape)}
+            "peak_rss_mib_after_encode": peak_enc, "peak_rss_mib": rss(), "decoded": list(rec.shape),
+            "same_size": list(rec.shape) == [3, side_h, side_w]}
 
 
-def bench_scaling(sizes_mp, model_source: str | None) -> list[dict]:
+def bench_scaling(shapes, model_source: str | None, label: str = "scaling") -> list[dict]:
+    """Encode + decode each (W, H) in a fresh process (peak memory per size, nothing shared)."""
     rows = []
-    for mp in sizes_mp:
+    for w, h in shapes:
         code = (f"import json; from diffo.bench import _scaling_child; "
-                f"print(json.dumps(_scaling_child({mp!r}, {model_source!r})))")
+                f"print(json.dumps(_scaling_child({w}, {h}, {model_source!r})))")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parents[1])
         if proc.returncode != 0:
-            rows.append({"megapixels": mp, "error": proc.stderr.strip()[-600:]})
+            rows.append({"size": f"{w}x{h}", "error": proc.stderr.strip()[-600:]})
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"  scaling {mp} MP: {rows[-1]}", file=sys.stderr)
+        print(f"  {label} {w}x{h}: {rows[-1]}", file=sys.stderr)
     return rows
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"1x1,4097x2049" → [(1, 1), (4097, 2049)] (W x H)."""
+    shapes = []
+    for token in filter(None, (t.strip() for t in text.split(","))):
+        try:
+            w, h = (int(v) for v in token.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--shapes: {token!r} is not WIDTHxHEIGHT") from None
+        if w < 1 or h < 1:
+            raise ValueError(f"--shapes: {token!r} must be at least 1x1")
+        shapes.append((w, h))
+    return shapes
 
 
 # ------------------------------------------------------------------------------------------------ sd scale
@@ -232,14 +256,16 @@ def environment() -> dict:
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "cuda": torch.cuda.is_available()}
 
 
-def run(parts: list[str], repeats: int, sizes_mp, model_source: str | None, force_sd: bool) -> dict:
+def run(parts: list[str], repeats: int, sizes_mp, model_source: str | None, force_sd: bool,
+        shapes=SHAPES) -> dict:
     from .hub import load_model
 
     model = load_model(model_source)
     result = {"model": model.config.name, "fingerprint": model.fingerprint.hex(), "environment": environment()}
     steps = {"stages": lambda: bench_stages(model, repeats), "steps": lambda: bench_steps(model, repeats),
              "compressai": lambda: bench_compressai(model, repeats),
-             "scaling": lambda: bench_scaling(sizes_mp, model_source), "sd": lambda: bench_sd(repeats, force_sd)}
+             "scaling": lambda: bench_scaling([_mp_shape(mp) for mp in sizes_mp], model_source),
+             "sizes": lambda: bench_scaling(shapes, model_source, "sizes"), "sd": lambda: bench_sd(repeats, force_sd)}
     for part in parts:
         print(f"bench: {part} …", file=sys.stderr)
         result[part] = steps[part]()

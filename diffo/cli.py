@@ -142,7 +142,8 @@ def cmd_bench(args) -> int:
     if unknown:
         raise ValueError(f"unknown bench part(s) {sorted(unknown)}; known: {', '.join(bench.PARTS)}")
     _refuse_existing_out(args)
-    _report_json(args, bench.run(parts, args.repeats, parse_floats(args.sizes, "--sizes"), args.model, args.sd))
+    _report_json(args, bench.run(parts, args.repeats, parse_floats(args.sizes, "--sizes"), args.model, args.sd,
+                                 bench.parse_shapes(args.shapes)))
     return 0
 
 
@@ -241,10 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speed and memory: stages, 1 vs 50 steps, CompressAI, MP scaling, SD size")
     b.add_argument("--out", default=None, help="also write the JSON to this file")
-    b.add_argument("--parts", default="stages,steps,compressai,scaling,sd", help="which measurements")
+    b.add_argument("--parts", default="stages,steps,compressai,scaling,sd",
+                   help="which measurements (also: sizes, the odd and huge image sizes of --shapes)")
     b.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median; after one warm-up)")
     b.add_argument("--sizes", default="0.25,1,4,16", help="megapixels for the scaling part (16 = 4096x4096)")
     b.add_argument("--model", default=None, help=model_help)
+    b.add_argument("--shapes", default="1x1,1x300,7x5,4097x2049,8192x8192",
+                   help="WIDTHxHEIGHT list for the sizes part")
     b.add_argument("--sd", action="store_true", help="time the SD 2.1-size configuration even without a GPU")
     b.add_argument("--force", action="store_true", help="overwrite --out")
     b.set_defaults(func=cmd_bench)
@@ -253,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--n", type=int, default=10000, help="number of cases")
     f.add_argument("--seed", type=int, default=0, help="random seed of the mutations (a run is reproducible)")
     f.add_argument("--max-pixels", type=int, default=None, help="decoder pixel budget for forged sizes "
-                   "(default 256x256: decoding time grows with the size a header claims)")
+                   "(default 128x128: decoding time grows with the size a header claims)")
     f.add_argument("--model", default=None, help=model_help)
     f.add_argument("--out", default=None, help="also write the JSON report to this file")
     f.add_argument("--force", action="store_true", help="overwrite --out")

@@ -68,9 +68,11 @@ class Evaluation:
     metrics: list[str] = field(default_factory=lambda: list(BASE_METRICS))
     unavailable: dict[str, str] = field(default_factory=dict)  # metric → why it was not measured
     save_images: bool = False
+    fingerprint: str = ""  # the DiffO model's: its points are cached per model, never reused for another
 
-    def point_path(self, image: Path, codec: str, bpp: float) -> Path:
-        return self.out / "points" / image.stem / f"{codec}@{bpp:g}.json"
+    def point_path(self, image: Path, codec: str, bpp: float, suffix: str = ".json") -> Path:
+        model = f".{self.fingerprint}" if codec in DIFFO_CODECS else ""
+        return self.out / "points" / image.stem / f"{codec}@{bpp:g}{model}{suffix}"
 
 
 def _measure(original: torch.Tensor, rec: torch.Tensor, measures: dict) -> dict[str, float]:
@@ -102,7 +104,7 @@ def _point(ev: Evaluation, image: Path, original: torch.Tensor, codec: str, bpp:
     row = {"image": image.name, "codec": codec, "target_bpp": bpp}
     t0 = time.perf_counter()
     if codec in DIFFO_CODECS:
-        stream_path = ev.out / "points" / image.stem / f"diffo@{bpp:g}.diffo"
+        stream_path = ev.point_path(image, "diffo", bpp, ".diffo")
         if stream_path.is_file():  # diffo and diffo-nodenoise decode the same stream
             data = stream_path.read_bytes()
         else:
@@ -138,6 +140,8 @@ def run(ev: Evaluation) -> list[dict]:
             if name not in ev.metrics:
                 ev.metrics.append(name)
     model = load_model(ev.model_source) if set(ev.codecs) & set(DIFFO_CODECS) else None
+    if model is not None:
+        ev.fingerprint = model.fingerprint.hex()
     rows: list[dict] = []
     total = len(ev.images) * len(ev.bpps) * len(ev.codecs)
     with tqdm(total=total, desc="eval", unit="point") as bar:

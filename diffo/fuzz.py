@@ -29,7 +29,8 @@ from .errors import DiffoError
 
 SEED_SIZES = ((16, 16), (40, 56), (64, 96), (96, 128))
 SEED_RATES = (0.0, 0.3, 1.0)
-DEFAULT_MAX_PIXELS = 256 * 256
+# Above the largest seed (96x128), so every seed decodes; a forged size can claim at most this much work.
+DEFAULT_MAX_PIXELS = 128 * 128
 
 
 def seed_streams(model) -> list[bytes]:
@@ -127,6 +128,7 @@ def run(model, n: int, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, prog
     by_mutator: Counter = Counter()
     crashes = []
     slowest = (0.0, "")
+    times = []
     t_all = time.perf_counter()
     for case in range(n):
         name, fixed, data = mutate(r, seeds)
@@ -141,6 +143,7 @@ def run(model, n: int, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, prog
             crashes.append({"case": case, "mutator": name, "crc_fixed": fixed, "error": f"{type(e).__name__}: {e}",
                             "traceback": traceback.format_exc(limit=4), "data_hex": data.hex()})
         dt = time.perf_counter() - t0
+        times.append(dt)
         if dt > slowest[0]:
             slowest = (dt, f"case {case}: {name}{' + CRC fixed' if fixed else ''} -> {outcome}")
         outcomes[outcome] += 1
@@ -151,5 +154,7 @@ def run(model, n: int, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS, prog
             "outcomes": dict(outcomes.most_common()), "mutators": dict(sorted(by_mutator.items())),
             "crashes": len(crashes), "crash_cases": crashes[:20],
             "slowest_s": round(slowest[0], 4), "slowest_case": slowest[1],
+            "p99_s": round(sorted(times)[int(0.99 * (len(times) - 1))], 4) if times else 0.0,
+            "over_1s": sum(t >= 1.0 for t in times),
             "total_s": round(time.perf_counter() - t_all, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

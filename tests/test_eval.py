@@ -4,6 +4,7 @@ metric sanity, BD-rate (no timing assertions: speed lives in the bench command).
 import csv
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,7 +55,7 @@ def test_eval_rows_accounting_cache_and_outputs(tmp_path, model_dir, monkeypatch
     # DiffO and its ablation decode the very same stream
     by = {(r["image"], r["codec"], r["target_bpp"]): r for r in table}
     for im in ("im0.png", "im1.png"):
-        stream = (tmp_path / "out" / "points" / im[:-4] / "diffo@4.diffo").read_bytes()
+        stream = ev.point_path(Path(im), "diffo", 4.0, ".diffo").read_bytes()
         assert int(by[(im, "diffo", "4")]["bytes"]) == int(by[(im, "diffo-nodenoise", "4")]["bytes"]) == len(stream)
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| jpeg | 0.3 | 0/2 |" in summary and "LPIPS not measured" in summary and "DISTS not measured" in summary
@@ -65,6 +66,16 @@ def test_eval_rows_accounting_cache_and_outputs(tmp_path, model_dir, monkeypatch
     evaluation.run(evaluation.Evaluation(images=images, bpps=[0.3, 4.0], codecs=codecs, out=tmp_path / "out",
                                          model_source=str(model_dir)))
     assert calls == []
+    # another model's DiffO points are measured afresh, never taken from the cache
+    from diffo.codec import DiffoCodec
+
+    other = DiffoCodec.from_pretrained(model_dir)
+    torch.nn.init.normal_(other.vae.decoder.conv_out.weight, std=0.1)
+    other.save_pretrained(tmp_path / "other")
+    again = evaluation.run(evaluation.Evaluation(images=images, bpps=[4.0], codecs=["diffo"], out=tmp_path / "out",
+                                                 model_source=str(tmp_path / "other")))
+    old = {r["image"]: r["psnr"] for r in rows if r["codec"] == "diffo" and r["target_bpp"] == 4.0}
+    assert all(r["psnr"] != old[r["image"]] for r in again)
 
 
 def test_codec_names_are_checked():
@@ -153,10 +164,24 @@ def test_multi_step_sampler_reduces_to_the_one_step_decoder(tiny_model):
 def test_scaling_runs_each_size_in_its_own_process(model_dir):
     from diffo import bench
 
-    (row,) = bench.bench_scaling([0.01], str(model_dir))
+    (row,) = bench.bench_scaling([bench._mp_shape(0.01)], str(model_dir))
     assert "error" not in row, row
     w, h = map(int, row["size"].split("x"))
     assert row["decoded"] == [3, h, w] and row["megapixels"] == pytest.approx(h * w / 1e6)
     assert row["peak_rss_mib"] >= row["peak_rss_mib_after_encode"] > 0
     assert math.isfinite(row["decode_s_per_mp"])
     json.dumps(row)
+
+
+def test_sizes_part_encodes_and_decodes_odd_sizes_to_their_own_size(model_dir):
+    from diffo import bench
+
+    shapes = bench.parse_shapes("1x1, 1x37,7x5")
+    assert shapes == [(1, 1), (1, 37), (7, 5)]
+    rows = bench.bench_scaling(shapes, str(model_dir), "sizes")
+    for (w, h), row in zip(shapes, rows):
+        assert "error" not in row, row
+        assert row["size"] == f"{w}x{h}" and row["decoded"] == [3, h, w] and row["same_size"]
+    for bad in ("12", "0x5", "axb"):
+        with pytest.raises(ValueError, match="--shapes"):
+            bench.parse_shapes(bad)
