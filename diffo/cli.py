@@ -1,4 +1,4 @@
-"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, eval, bench, fuzz, train.
+"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, eval, bench, fuzz, matrix, train.
 
 Errors on bad input (missing file, not an image, damaged or foreign stream, wrong model, existing output)
 print one line `diffo: error: …` and exit with status 2; no traceback. Outputs are written atomically and
@@ -160,6 +160,15 @@ def cmd_fuzz(args) -> int:
     return 1 if report["crashes"] else 0
 
 
+def cmd_matrix(args) -> int:
+    from . import matrix
+
+    _refuse_existing_out(args)
+    report = matrix.run(args.model)
+    _report_json(args, report)
+    return 0 if report["determinism"]["identical"] and all(r["ok"] for r in report["images"]) else 1
+
+
 def cmd_train(args) -> int:
     from .training.train import TrainConfig, train
 
@@ -262,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default=None, help="also write the JSON report to this file")
     f.add_argument("--force", action="store_true", help="overwrite --out")
     f.set_defaults(func=cmd_fuzz)
+
+    m = sub.add_parser("matrix", help="reliability matrices: every image kind, and decoding across threads/batches")
+    m.add_argument("--model", default=None, help=model_help)
+    m.add_argument("--out", default=None, help="also write the JSON report to this file")
+    m.add_argument("--force", action="store_true", help="overwrite --out")
+    m.set_defaults(func=cmd_matrix)
 
     t = sub.add_parser("train", help="train a model (resumable)")
     t.add_argument("--config", choices=["tiny", "sd"], default="tiny")

@@ -1,0 +1,171 @@
+"""`python -m diffo matrix`: the reliability matrices the README reports, measured on this machine.
+
+    images       one file per image kind users bring (PIL modes 1, L, LA, P, PA, RGB, RGBA, CMYK, I;16, I,
+                 F; an EXIF-rotated phone JPEG; an sRGB ICC profile; an animated GIF; 1x1, 1xN and 7x5
+                 sizes) written to a temporary folder, then load → encode → decode: what the loader said
+                 (its warnings), the stream size and whether the decoded image has the loaded size
+    determinism  one stream decoded in fresh processes with 1 and 2 threads, alone and in a batch of 4:
+                 hashes of the decoded base indices, residual symbols and 8-bit pixels, which must agree
+
+The unit tests check each case in detail (tests/test_image.py, tests/test_determinism.py); this command
+shows the whole matrix at once, with the embedded model or `--model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import pipeline
+from .image import load_image, to_uint8
+from .latent_codec import valid_extent
+
+THREADS = (1, 2)
+BATCH = 4
+
+
+def _photo(h: int = 48, w: int = 64) -> np.ndarray:
+    """A small real photo (the demo's sample) as uint8 [h, w, 3]."""
+    from .demo import sample_photo
+
+    with Image.open(sample_photo()) as im:
+        return np.array(im.convert("RGB").resize((w, h), Image.Resampling.LANCZOS))
+
+
+def image_cases(folder: Path) -> list[tuple[str, Path | Image.Image]]:
+    """Write one file per image kind into `folder`: (what it is, path), or (what it is, PIL image) for a
+    mode no file format stores (what a Python caller or another node may hand over)."""
+    from PIL import ImageCms
+
+    rgb = _photo()
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    alpha = np.full(gray.shape, 255, np.uint8)
+    alpha[:, : gray.shape[1] // 3] = 96  # a third of the image is see-through
+    base = Image.fromarray(rgb)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display (how phones store portrait shots)
+    frames = [base, Image.fromarray(255 - rgb)]
+    cases = {
+        "mode 1 (PNG)": ("m1.png", base.convert("1"), {}),
+        "mode L (PNG)": ("mL.png", base.convert("L"), {}),
+        "mode LA, partly transparent (PNG)": ("mLA.png", Image.merge("LA", [Image.fromarray(gray),
+                                                                             Image.fromarray(alpha)]), {}),
+        "mode P (PNG)": ("mP.png", base.convert("P"), {}),
+        "mode PA (a PIL image: no file format stores PA)": (None, base.convert("P").convert("PA"), {}),
+        "mode RGB (PNG)": ("mRGB.png", base, {}),
+        "mode RGBA, partly transparent (PNG)": ("mRGBA.png", Image.merge("RGBA", [*base.split(),
+                                                                                 Image.fromarray(alpha)]), {}),
+        "mode CMYK (JPEG)": ("mCMYK.jpg", base.convert("CMYK"), {"quality": 95}),
+        "mode I;16, 16-bit gray (PNG)": ("mI16.png", Image.fromarray(gray.astype(np.uint16) * 257), {}),
+        "mode I, 32-bit integer (TIFF)": ("mI.tif", Image.fromarray(gray.astype(np.int32) * 100000, "I"), {}),
+        "mode F, 32-bit float (TIFF)": ("mF.tif", Image.fromarray(gray.astype(np.float32) / 255, "F"), {}),
+        "EXIF orientation 6 (phone JPEG)": ("exif.jpg", base, {"exif": exif.tobytes(), "quality": 95}),
+        "sRGB ICC profile (PNG)": ("icc.png", base, {"icc_profile": ImageCms.ImageCmsProfile(
+            ImageCms.createProfile("sRGB")).tobytes()}),
+        "animated GIF, 2 frames": ("anim.gif", frames[0], {"save_all": True, "append_images": frames[1:],
+                                                           "duration": 100}),
+        "1x1 (PNG)": ("s1x1.png", base.resize((1, 1)), {}),
+        "1x300 (PNG)": ("s1x300.png", base.resize((1, 300)), {}),
+        "7x5 (PNG)": ("s7x5.png", base.resize((7, 5)), {}),
+    }
+    out = []
+    for what, (name, im, kwargs) in cases.items():
+        if name is None:
+            out.append((what, im))
+            continue
+        path = folder / name
+        im.save(path, **kwargs)
+        out.append((what, path))
+    return out
+
+
+def image_matrix(model) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for what, source in image_cases(Path(tmp)):
+            name = str(source) if isinstance(source, Path) else "<PIL image>"  # as the loader's warnings say
+            with (Image.open(source) if isinstance(source, Path) else nullcontext(source)) as im:
+                row = {"case": what, "stored_mode": im.mode, "stored_size": f"{im.width}x{im.height}"}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    img = load_image(source, drop_alpha=True)
+                except Exception as e:  # reported as the row's outcome: the matrix shows every refusal
+                    rows.append({**row, "ok": False, "error": f"{type(e).__name__}: {e}"})
+                    continue
+            data = pipeline.encode(model, img, rate=0.5)
+            rec = pipeline.decode(model, data)
+            rows.append({**row, "loaded_size": f"{img.shape[2]}x{img.shape[1]}", "bytes": len(data),
+                         "warnings": [str(w.message).removesuffix(f": {name}") for w in caught],
+                         "ok": rec.shape == img.shape})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+def _h(t) -> str:
+    return hashlib.sha256(t if isinstance(t, bytes) else t.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def decoded_symbols(model, data: bytes) -> dict:
+    """Hashes of what decoding `data` gives: base indices, residual symbols (ŷ), 8-bit pixels, and whether
+    a batch of BATCH copies decodes to the same pixels."""
+    bs = pipeline.read_header(data)
+    lc = model.latent_codec
+    lh, lw = pipeline.padded_latent_shape(model, bs.height, bs.width)
+    valid = pipeline.latent_valid(bs.height, bs.width)
+    idx = lc.base.decompress([bs.streams[0]], valid_extent(valid, 4), (lh // 4, lw // 4))
+    y_hat = lc.residual.decompress([bs.streams[1]], [bs.streams[2]], lc.base.quantizer.embed(idx), bs.rate_q, valid)
+    pixels = to_uint8(pipeline.decode(model, data))
+    batch = [to_uint8(x) for x in pipeline.decode_batch(model, [data] * BATCH)]
+    return {"indices": _h(idx), "y_hat": _h(y_hat), "pixels": _h(pixels),
+            "batch_equal": all(torch.equal(b, pixels) for b in batch)}
+
+
+def _determinism_child(threads: int, model_source: str | None, stream: str) -> dict:
+    from .hub import load_model
+
+    torch.set_num_threads(threads)
+    return {"threads": torch.get_num_threads(), **decoded_symbols(load_model(model_source), Path(stream).read_bytes())}
+
+
+def determinism_matrix(model, model_source: str | None) -> dict:
+    img = torch.from_numpy(_photo(200, 264)).permute(2, 0, 1).float() / 255
+    data = pipeline.encode(model, img, rate=0.6, seed=7)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stream = Path(tmp) / "one.diffo"
+        stream.write_bytes(data)
+        for threads in THREADS:
+            code = (f"import json; from diffo.matrix import _determinism_child; "
+                    f"print(json.dumps(_determinism_child({threads}, {model_source!r}, {str(stream)!r})))")
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                  cwd=Path(__file__).resolve().parents[1])
+            if proc.returncode != 0:
+                rows.append({"threads": threads, "error": proc.stderr.strip()[-600:]})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    keys = ("indices", "y_hat", "pixels")
+    same = all("error" not in r for r in rows) and all(len({r[k] for r in rows}) == 1 for k in keys) \
+        and all(r["batch_equal"] for r in rows)
+    return {"stream_bytes": len(data), "image": "200x264 crop of the sample photo", "rate": 0.6,
+            "processes": rows, "identical": same}
+
+
+def run(model_source: str | None) -> dict:
+    from .hub import load_model
+
+    model = load_model(model_source)
+    return {"model": model.config.name, "fingerprint": model.fingerprint.hex(),
+            "images": image_matrix(model), "determinism": determinism_matrix(model, model_source)}
