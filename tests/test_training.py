@@ -85,3 +85,32 @@ def test_sd_config_trains_codec_and_control_with_frozen_unet(data_dir, tmp_path,
     ref = UNet2DConditionModel.from_pretrained(sd_checkpoint / "unet")
     for k, v in ref.state_dict().items():  # frozen UNet (stored in half precision)
         assert torch.equal(v.half().float(), model.denoiser.unet.state_dict()[k]), k
+
+
+def test_noise_map_choice_never_rises_with_the_rate_and_maximises_the_sum():
+    from diffo.training.noise_tuning import best_non_increasing
+
+    strengths = [0.0, 0.2, 0.5]
+    # each level alone would pick 0.0 at rate 0 and 0.5 at rate 1: not allowed (more rate, more noise)
+    scores = [[0.60, 0.55, 0.50], [0.70, 0.71, 0.72]]
+    assert best_non_increasing(scores, strengths) == [0.0, 0.0]  # 0.60+0.70 > 0.55+0.71 > 0.50+0.72
+    scores = [[0.40, 0.50, 0.60], [0.70, 0.75, 0.72]]
+    assert best_non_increasing(scores, strengths) == [0.5, 0.2]
+    assert best_non_increasing([[0.1, 0.3, 0.2]] * 3, strengths) == [0.2, 0.2, 0.2]
+
+
+def test_noise_stage_tunes_the_map_on_held_out_photos(data_dir, tmp_path, monkeypatch):
+    from diffo.training import noise_tuning
+
+    monkeypatch.setattr(train_mod, "split_holdout", lambda files: (files[1:], files[:1]))
+    monkeypatch.setattr(noise_tuning, "RATES", (0.0, 1.0))
+    monkeypatch.setattr(noise_tuning, "STRENGTHS", (0.0, 0.3))
+    cfg = _cfg(data_dir, tmp_path / "run")
+    cfg.tune_crop = 64
+    folder = train_mod.train(cfg)
+    table = json.loads((tmp_path / "run" / "noise_tuning.json").read_text())
+    assert table["rates"] == [0.0, 1.0] and len(table["haarpsi"]) == 2 and len(table["nodenoise"]) == 2
+    model = DiffoCodec.from_pretrained(folder)
+    assert list(model.config.noise_strengths) == table["chosen"]
+    assert table["chosen"][0] >= table["chosen"][1] and set(table["chosen"]) <= {0.0, 0.3}
+    assert "Noise map" in (folder / "README.md").read_text()

@@ -16,26 +16,28 @@ logger = logging.getLogger(__name__)
 RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def centre_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre size x size crop of [C, H, W] (smaller sides kept whole): the held-out measurements'."""
+    h, w = img.shape[1:]
+    s = min(size, h, w)
+    return img[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+
+
 @torch.no_grad()
 def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> list[dict]:
     """Real encode → bytes → decode on centre crops of held-out photos: mean bpp, PSNR and MS-SSIM per
     rate level, and PSNR and HaarPSI with and without the one-step denoiser."""
-    from pytorch_msssim import ms_ssim
-
-    from ..metrics import haarpsi
+    from ..metrics import haarpsi, ms_ssim
     from .. import pipeline
     from ..bitstream import bits_per_pixel
-    from ..image import psnr, to_uint8
+    from ..image import psnr
 
     rows = []
     images = []
     if not files:
         return rows
     for p in files:
-        img = load_rgb(p).float() / 255
-        h, w = img.shape[1:]
-        s = min(crop, h, w)
-        images.append(img[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s])
+        images.append(centre_crop(load_rgb(p).float() / 255, crop))
     for r in rates:
         acc = {"rate": r, "bpp": 0.0, "psnr": 0.0, "ms_ssim": 0.0, "psnr_nodenoise": 0.0, "haarpsi": 0.0,
                "haarpsi_nodenoise": 0.0}
@@ -48,8 +50,7 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
             acc["psnr_nodenoise"] += psnr(img, plain)
             acc["haarpsi"] += haarpsi(img, rec)
             acc["haarpsi_nodenoise"] += haarpsi(img, plain)
-            q = lambda t: to_uint8(t).float()[None]  # noqa: E731
-            acc["ms_ssim"] += ms_ssim(q(img), q(rec), data_range=255, win_size=7).item()
+            acc["ms_ssim"] += ms_ssim(img, rec)  # the eval command's metric (NaN below 161 px)
         rows.append({k: (v / len(images) if k != "rate" else v) for k, v in acc.items()})
     return rows
 

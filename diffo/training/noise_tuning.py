@@ -60,8 +60,10 @@ def best_non_increasing(scores: list[list[float]], strengths) -> list[float]:
     return chosen
 
 
-def tune(model, images: list[torch.Tensor], rates=RATES, strengths=STRENGTHS) -> dict:
-    """Score the grid, choose the map and write it into the model's config. Returns the scores and map."""
+def tune(model, images: list[torch.Tensor], rates=None, strengths=None) -> dict:
+    """Score the grid (default RATES x STRENGTHS), choose the map and write it into the model's config.
+    Returns the scores and the chosen strengths."""
+    rates, strengths = rates or RATES, strengths or STRENGTHS
     table = score_grid(model, images, rates, strengths)
     chosen = best_non_increasing(table["haarpsi"], strengths)
     model.register_to_config(noise_rates=list(rates), noise_strengths=chosen)
