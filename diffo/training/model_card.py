@@ -73,6 +73,8 @@ def finalize(model, folder: Path, held_files: list[Path], train_info: dict) -> P
 
 
 def model_card(name: str, train_info: dict, holdout: list[dict], n_held: int) -> str:
+    init = f"\n- Started from: {train_info['init']}" if train_info.get("init") else ""
+    losses = f"\n- Losses: {train_info['losses']}" if train_info.get("losses") else ""
     table = "\n".join(
         f"| {r['rate']:.2f} | {r['bpp']:.4f} | {r['psnr']:.2f} | {r['psnr_nodenoise']:.2f} | {r['ms_ssim']:.4f} "
         f"| {r['haarpsi']:.4f} | {r['haarpsi_nodenoise']:.4f} |"
@@ -93,7 +95,7 @@ UNet denoiser) at a size that trains on a 2-core CPU. Its latent space is its ow
 - Data: {train_info.get('data', '')} (never Kodak); held-out slice: {n_held} photos chosen by file-name hash.
 - Stages (steps): {json.dumps(train_info.get('stages', {}))}; seconds: {json.dumps(
     {k: round(v) for k, v in train_info.get('seconds', {}).items()})}
-- Hardware: {train_info.get('hardware', '')}
+- Hardware: {train_info.get('hardware', '')}{init}{losses}
 
 ## Held-out measurements
 Centre 256x256 crops of the {n_held} held-out photos, real files (bpp = 8 x bytes / pixels, header included),

@@ -71,6 +71,16 @@ class TrainConfig:
     checkpoint_minutes: float = 3.0
     seed: int = 0
 
+    def losses(self) -> str:
+        """The objectives of each stage with this configuration's weights (for the model card)."""
+        return (f"VAE L1 + MSE + 1e-4·KL; latent codec bits per pixel + λ·MSE (λ {self.lambda_min:g} at rate level 0 to "
+                f"{self.lambda_max:g} at 1, geometric) + VQ codebook + 0.25·commitment, base code alone in "
+                f"{self.base_only_prob:.0%} of batches, dead codes restarted; control module + UNet: latent MSE "
+                f"+ {self.pixel_weight:g}·(1 − HaarPSI) of decoded crops + {self.adv_weight:g}·adversarial loss "
+                f"of the discriminator on the UNet's middle-layer features (from {self.adv_start:.0%} of the "
+                f"stage), strength from the noise map or, in {self.random_strength_prob:.0%} of batches, "
+                f"uniform in [0, {max(noise_tuning.STRENGTHS):g}]")
+
 
 def _lambda(cfg: TrainConfig, rate_q: int) -> float:
     r = rate_q / MAX_RATE_Q
@@ -383,7 +393,8 @@ class Trainer:
         self.model.cpu()
         info = {"command": self.cfg_command(), "data": ", ".join(map(str, self.cfg.data)),
                 "stages": {k: {"steps": v} for k, v in self.progress.get("steps_done", {}).items()},
-                "seconds": self.progress["seconds"], "hardware": _hardware(),
+                "seconds": self.progress["seconds"], "hardware": _hardware(), "init": self.cfg.init,
+                "losses": self.cfg.losses(),
                 "noise_map": ", ".join(f"{r:g} → {s:g}" for r, s in zip(self.model.config.noise_rates,
                                                                      self.model.config.noise_strengths))}
         folder = finalize(self.model, self.out / "model", self.held_files, info)
