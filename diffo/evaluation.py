@@ -247,6 +247,8 @@ def summary_markdown(ev: Evaluation, means: dict[str, list[dict]]) -> str:
     lines = [f"# DiffO rate-distortion: {len(ev.images)} images, targets {', '.join(f'{b:g}' for b in ev.bpps)} bpp",
              "", "Means over the images that reached each target (a codec that cannot make a file that small for "
              "an image is counted in `reached`, not averaged).", ""]
+    if ev.fingerprint:
+        lines[1:1] = ["", f"DiffO model fingerprint `{ev.fingerprint}`."]
     header = ["codec", "target bpp", "reached", "bpp", *ev.metrics]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for codec in ev.codecs:

@@ -59,6 +59,7 @@ def test_eval_rows_accounting_cache_and_outputs(tmp_path, model_dir, monkeypatch
         assert int(by[(im, "diffo", "4")]["bytes"]) == int(by[(im, "diffo-nodenoise", "4")]["bytes"]) == len(stream)
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| jpeg | 0.3 | 0/2 |" in summary and "LPIPS not measured" in summary and "DISTS not measured" in summary
+    assert f"fingerprint `{ev.fingerprint}`" in summary and len(ev.fingerprint) == 16
     assert (tmp_path / "out" / "rd_psnr.png").is_file()
     # resumable: cached points are not computed again
     calls = []
