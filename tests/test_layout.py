@@ -24,3 +24,14 @@ def test_readme_documents_every_node_and_its_connections(plugin):
 def test_requirements_do_not_pin_torch():
     reqs = (ROOT / "requirements.txt").read_text()
     assert not re.search(r"^torch\s*==", reqs, re.M)
+
+
+def test_no_code_path_can_run_code_from_a_model_file():
+    """Weights are safetensors only: nothing in the library or the nodes unpickles, or lets a Hub repo run its
+    own code (the pickle-folder refusal itself is tested in test_hub.py)."""
+    forbidden = re.compile(r"trust_remote_code\s*=\s*True|torch\.load\(|pickle\.loads?\(|use_safetensors\s*=\s*False")
+    for path in sorted((ROOT / "diffo").rglob("*.py")) + sorted((ROOT / "nodes").rglob("*.py")):
+        hits = [line for line in path.read_text().splitlines() if forbidden.search(line)]
+        assert not hits, (path, hits)
+    sd_loader = (ROOT / "diffo" / "codec.py").read_text()
+    assert sd_loader.count("use_safetensors=True") >= 2  # the SD checkpoint's VAE and UNet
