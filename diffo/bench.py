@@ -15,19 +15,16 @@ warm-up run; ratios are measured in the same run. JSON out.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import pipeline
+from . import child, pipeline
 from .demo import sample_photo
 from .image import load_image
 
@@ -196,14 +193,9 @@ def bench_scaling(shapes, model_source: str | None, label: str = "scaling") -> l
     """Encode + decode each (W, H) in a fresh process (peak memory per size, nothing shared)."""
     rows = []
     for w, h in shapes:
-        code = (f"import json; from diffo.bench import _scaling_child; "
-                f"print(json.dumps(_scaling_child({w}, {h}, {model_source!r})))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
-        if proc.returncode != 0:
-            rows.append({"size": f"{w}x{h}", "error": proc.stderr.strip()[-600:]})
-        else:
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        row = child.run_json(f"import json; from diffo.bench import _scaling_child; "
+                             f"print(json.dumps(_scaling_child({w}, {h}, {model_source!r})))")
+        rows.append({"size": f"{w}x{h}", **row} if "error" in row else row)
         print(f"  {label} {w}x{h}: {rows[-1]}", file=sys.stderr)
     return rows
 

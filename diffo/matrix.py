@@ -14,10 +14,7 @@ shows the whole matrix at once, with the embedded model or `--model`.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import warnings
 from contextlib import nullcontext
@@ -27,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import pipeline
+from . import child, pipeline
 from .image import load_image, to_uint8
 from .latent_codec import valid_extent
 
@@ -147,15 +144,11 @@ def determinism_matrix(model, model_source: str | None) -> dict:
         stream = Path(tmp) / "one.diffo"
         stream.write_bytes(data)
         for threads in THREADS:
-            code = (f"import json; from diffo.matrix import _determinism_child; "
-                    f"print(json.dumps(_determinism_child({threads}, {model_source!r}, {str(stream)!r})))")
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                                  cwd=Path(__file__).resolve().parents[1])
-            if proc.returncode != 0:
-                rows.append({"threads": threads, "error": proc.stderr.strip()[-600:]})
-            else:
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            row = child.run_json(
+                f"import json; from diffo.matrix import _determinism_child; "
+                f"print(json.dumps(_determinism_child({threads}, {model_source!r}, {str(stream)!r})))",
+                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            rows.append({"threads": threads, **row} if "error" in row else row)
     keys = ("indices", "y_hat", "pixels")
     same = all("error" not in r for r in rows) and all(len({r[k] for r in rows}) == 1 for k in keys) \
         and all(r["batch_equal"] for r in rows)
