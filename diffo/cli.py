@@ -164,9 +164,11 @@ def cmd_matrix(args) -> int:
     from . import matrix
 
     _refuse_existing_out(args)
-    report = matrix.run(args.model)
+    devices = args.devices.split(",") if args.devices else None
+    report = matrix.run(args.model, devices)
     _report_json(args, report)
-    return 0 if report["determinism"]["identical"] and all(r["ok"] for r in report["images"]) else 1
+    ok = report["determinism"]["identical"] and all(r["ok"] for r in report["images"])
+    return 0 if ok and report["devices"].get("identical_symbols", True) else 1
 
 
 def cmd_train(args) -> int:
@@ -274,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("matrix", help="reliability matrices: every image kind, and decoding across threads/batches")
     m.add_argument("--model", default=None, help=model_help)
+    m.add_argument("--devices", default=None,
+                   help="comma-separated torch devices to encode and decode on, each against the others "
+                        "(default: cpu,cuda when CUDA is available, else this part is skipped)")
     m.add_argument("--out", default=None, help="also write the JSON report to this file")
     m.add_argument("--force", action="store_true", help="overwrite --out")
     m.set_defaults(func=cmd_matrix)

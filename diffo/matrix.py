@@ -6,6 +6,9 @@
                  (its warnings), the stream size and whether the decoded image has the loaded size
     determinism  one stream decoded in fresh processes with 1 and 2 threads, alone and in a batch of 4:
                  hashes of the decoded base indices, residual symbols and 8-bit pixels, which must agree
+    devices      (`--devices cpu,cuda`; the default when CUDA is present) a stream encoded on each device is
+                 decoded on every device, each in a fresh process: the decoded symbols must be identical,
+                 the pixels agree within float rounding (the report gives their largest difference)
 
 The unit tests check each case in detail (tests/test_image.py, tests/test_determinism.py); this command
 shows the whole matrix at once, with the embedded model or `--model`.
@@ -111,22 +114,26 @@ def image_matrix(model) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ determinism
 def _h(t) -> str:
-    return hashlib.sha256(t if isinstance(t, bytes) else t.contiguous().numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(t if isinstance(t, bytes) else t.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def decoded_symbols(model, data: bytes) -> dict:
-    """Hashes of what decoding `data` gives: base indices, residual symbols (ŷ), 8-bit pixels, and whether
-    a batch of BATCH copies decodes to the same pixels."""
+def _symbols(model, data: bytes) -> dict:
+    """Hashes of the entropy-decoded base indices and residual symbols (ŷ) of `data`."""
     bs = pipeline.read_header(data)
     lc = model.latent_codec
     lh, lw = pipeline.padded_latent_shape(model, bs.height, bs.width)
     valid = pipeline.latent_valid(bs.height, bs.width)
     idx = lc.base.decompress([bs.streams[0]], valid_extent(valid, 4), (lh // 4, lw // 4))
     y_hat = lc.residual.decompress([bs.streams[1]], [bs.streams[2]], lc.base.quantizer.embed(idx), bs.rate_q, valid)
+    return {"indices": _h(idx), "y_hat": _h(y_hat)}
+
+
+def decoded_symbols(model, data: bytes) -> dict:
+    """Hashes of what decoding `data` gives: base indices, residual symbols (ŷ), 8-bit pixels, and whether
+    a batch of BATCH copies decodes to the same pixels."""
     pixels = to_uint8(pipeline.decode(model, data))
     batch = [to_uint8(x) for x in pipeline.decode_batch(model, [data] * BATCH)]
-    return {"indices": _h(idx), "y_hat": _h(y_hat), "pixels": _h(pixels),
-            "batch_equal": all(torch.equal(b, pixels) for b in batch)}
+    return {**_symbols(model, data), "pixels": _h(pixels), "batch_equal": all(torch.equal(b, pixels) for b in batch)}
 
 
 def _determinism_child(threads: int, model_source: str | None, stream: str) -> dict:
@@ -137,8 +144,7 @@ def _determinism_child(threads: int, model_source: str | None, stream: str) -> d
 
 
 def determinism_matrix(model, model_source: str | None) -> dict:
-    img = torch.from_numpy(_photo(200, 264)).permute(2, 0, 1).float() / 255
-    data = pipeline.encode(model, img, rate=0.6, seed=7)
+    data = pipeline.encode(model, _crop(), rate=0.6, seed=7)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         stream = Path(tmp) / "one.diffo"
@@ -156,9 +162,70 @@ def determinism_matrix(model, model_source: str | None) -> dict:
             "processes": rows, "identical": same}
 
 
-def run(model_source: str | None) -> dict:
+# ------------------------------------------------------------------------------------------------ devices
+def _crop() -> torch.Tensor:
+    """The image the determinism and device matrices code: a 200x264 crop of the sample photo, [3, H, W]."""
+    return torch.from_numpy(_photo(200, 264)).permute(2, 0, 1).float() / 255
+
+
+def _device_child(phase: str, device: str, tag: str, model_source: str | None, folder: str) -> dict:
+    """In a fresh process on `device`: "encode" writes `tag`.diffo; "decode" decodes every stream in
+    `folder`, saving its 8-bit pixels as <stream>.<tag>.npy, and returns the hashes of its symbols."""
+    from .hub import load_model
+
+    model = load_model(model_source, device=device)
+    out = Path(folder)
+    if phase == "encode":
+        data = pipeline.encode(model, _crop(), rate=0.6, seed=7)
+        (out / f"{tag}.diffo").write_bytes(data)
+        return {"device": str(model.device), "bytes": len(data), "stream": _h(data)}
+    rows = {}
+    for stream in sorted(out.glob("*.diffo")):
+        data = stream.read_bytes()
+        pixels = to_uint8(pipeline.decode(model, data))
+        np.save(out / f"{stream.stem}.{tag}.npy", pixels.numpy())
+        rows[stream.stem] = {**_symbols(model, data), "pixels": _h(pixels)}
+    return {"device": str(model.device), "decoded": rows}
+
+
+def device_matrix(model_source: str | None, devices: list[str]) -> dict:
+    """Encode on each of `devices`, decode every stream on each: symbol hashes per (encoder, decoder) and the
+    largest pixel difference between decoders (8-bit levels). Identical when the symbols are."""
+    tags = [f"{i}-{d.replace(':', '')}" for i, d in enumerate(devices)]
+
+    def each(phase: str, folder: str) -> list[dict]:
+        return [child.run_json(f"import json; from diffo.matrix import _device_child; print(json.dumps("
+                               f"_device_child({phase!r}, {d!r}, {t!r}, {model_source!r}, {folder!r})))")
+                for d, t in zip(devices, tags)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        encoded = each("encode", tmp)
+        decoded = [] if any("error" in r for r in encoded) else each("decode", tmp)
+        errors = [r["error"] for r in encoded + decoded if "error" in r]
+        if errors:
+            return {"devices": devices, "errors": errors, "identical_symbols": False}
+        pairs = []
+        for enc_tag, enc_dev in zip(tags, devices):
+            pixels = [np.load(Path(tmp) / f"{enc_tag}.{t}.npy").astype(np.int16) for t in tags]
+            for dec, dec_dev, px in zip(decoded, devices, pixels):
+                pairs.append({"encoded_on": enc_dev, "decoded_on": dec_dev, **dec["decoded"][enc_tag],
+                              "max_pixel_diff_vs_first": int(np.abs(px - pixels[0]).max()),
+                              "mean_pixel_diff_vs_first": float(np.abs(px - pixels[0]).mean())})
+    same = all(len({p[k] for p in pairs if p["encoded_on"] == e}) == 1
+               for e in devices for k in ("indices", "y_hat"))
+    return {"devices": [r["device"] for r in encoded], "streams": encoded, "pairs": pairs, "identical_symbols": same}
+
+
+def default_devices() -> list[str]:
+    return ["cpu", "cuda"] if torch.cuda.is_available() else []
+
+
+def run(model_source: str | None, devices: list[str] | None = None) -> dict:
     from .hub import load_model
 
     model = load_model(model_source)
+    devices = default_devices() if devices is None else devices
     return {"model": model.config.name, "fingerprint": model.fingerprint.hex(),
-            "images": image_matrix(model), "determinism": determinism_matrix(model, model_source)}
+            "images": image_matrix(model), "determinism": determinism_matrix(model, model_source),
+            "devices": device_matrix(model_source, devices) if len(devices) > 1
+            else {"skipped": "no second device (CUDA not available): pass --devices cpu,cuda on a GPU machine"}}

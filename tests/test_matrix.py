@@ -1,6 +1,9 @@
 """`python -m diffo matrix`: every image kind loads, encodes and decodes to its size, and the determinism
 matrix agrees across processes and thread counts (the README's tables come from this command)."""
 
+import pytest
+import torch
+
 from diffo import matrix
 
 
@@ -26,6 +29,32 @@ def test_determinism_matrix_agrees_across_processes(tiny_model, tmp_path):
     assert report["identical"], report
 
 
+def test_device_matrix_crosses_every_encoder_with_every_decoder(tiny_model, tmp_path):
+    """The cross-device plumbing, on two CPU processes (no GPU here): each stream decodes on each device to the
+    same symbols and pixels, and a device that cannot run is reported, not crashed on."""
+    model_dir = str(tiny_model.save_pretrained(tmp_path / "model"))
+    report = matrix.device_matrix(model_dir, ["cpu", "cpu"])
+    assert report["identical_symbols"], report
+    assert [(p["encoded_on"], p["decoded_on"]) for p in report["pairs"]] == [("cpu", "cpu")] * 4
+    assert {p["max_pixel_diff_vs_first"] for p in report["pairs"]} == {0}
+    assert len({p["indices"] for p in report["pairs"]}) == 1  # both processes encoded the same stream
+    bad = matrix.device_matrix(model_dir, ["cpu", "no-such-device"])
+    assert not bad["identical_symbols"] and "no-such-device" in bad["errors"][0], bad
+
+
+def test_cpu_and_gpu_decode_each_others_streams(tiny_model, tmp_path):
+    """Encode on the CPU, decode on the GPU and the reverse: identical symbols, pixels within 8-bit rounding of
+    float differences. Runs only where CUDA is available."""
+    if not torch.cuda.is_available():
+        msg = "SKIPPED LOUDLY: no CUDA device; the CPU <-> GPU decoding check did not run"
+        print(msg)
+        pytest.skip(msg)
+    model_dir = str(tiny_model.save_pretrained(tmp_path / "model"))
+    report = matrix.device_matrix(model_dir, ["cpu", "cuda"])
+    assert report["identical_symbols"], report
+    assert max(p["max_pixel_diff_vs_first"] for p in report["pairs"]) <= 8, report
+
+
 def test_matrix_command_writes_its_report(tmp_path, tiny_model, monkeypatch):
     from diffo.cli import main
 
@@ -38,5 +67,7 @@ def test_matrix_command_writes_its_report(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setattr(matrix, "image_matrix", lambda m: [{"ok": True}])
     assert main(["matrix", "--model", str(model_dir), "--out", str(out), "--force"]) == 0
     assert '"identical": true' in out.read_text()
+    monkeypatch.setattr(matrix, "device_matrix", lambda s, d: {"identical_symbols": False})
+    assert main(["matrix", "--model", str(model_dir), "--out", str(out), "--force", "--devices", "cpu,cpu"]) == 1
     monkeypatch.setattr(matrix, "image_matrix", lambda m: [{"ok": False}])
     assert main(["matrix", "--model", str(model_dir), "--out", str(out), "--force"]) == 1  # a failed case fails
