@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="overwrite --out")
     f.set_defaults(func=cmd_fuzz)
 
-    m = sub.add_parser("matrix", help="reliability matrices: every image kind, and decoding across threads/batches")
+    m = sub.add_parser("matrix",
+                       help="reliability matrices: every image kind; decoding across threads, batches and devices")
     m.add_argument("--model", default=None, help=model_help)
     m.add_argument("--devices", default=None,
                    help="comma-separated torch devices to encode and decode on, each against the others "

@@ -43,6 +43,11 @@ def _photo(h: int = 48, w: int = 64) -> np.ndarray:
         return np.array(im.convert("RGB").resize((w, h), Image.Resampling.LANCZOS))
 
 
+def _crop() -> torch.Tensor:
+    """The image the determinism and device matrices code: a 200x264 crop of the sample photo, [3, H, W]."""
+    return torch.from_numpy(_photo(200, 264)).permute(2, 0, 1).float() / 255
+
+
 def image_cases(folder: Path) -> list[tuple[str, Path | Image.Image]]:
     """Write one file per image kind into `folder`: (what it is, path), or (what it is, PIL image) for a
     mode no file format stores (what a Python caller or another node may hand over)."""
@@ -163,11 +168,6 @@ def determinism_matrix(model, model_source: str | None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ devices
-def _crop() -> torch.Tensor:
-    """The image the determinism and device matrices code: a 200x264 crop of the sample photo, [3, H, W]."""
-    return torch.from_numpy(_photo(200, 264)).permute(2, 0, 1).float() / 255
-
-
 def _device_child(phase: str, device: str, tag: str, model_source: str | None, folder: str) -> dict:
     """In a fresh process on `device`: "encode" writes `tag`.diffo; "decode" decodes every stream in
     `folder`, saving its 8-bit pixels as <stream>.<tag>.npy, and returns the hashes of its symbols."""
@@ -204,15 +204,15 @@ def device_matrix(model_source: str | None, devices: list[str]) -> dict:
         errors = [r["error"] for r in encoded + decoded if "error" in r]
         if errors:
             return {"devices": devices, "errors": errors, "identical_symbols": False}
-        pairs = []
+        pairs, same = [], True
         for enc_tag, enc_dev in zip(tags, devices):
             pixels = [np.load(Path(tmp) / f"{enc_tag}.{t}.npy").astype(np.int16) for t in tags]
-            for dec, dec_dev, px in zip(decoded, devices, pixels):
-                pairs.append({"encoded_on": enc_dev, "decoded_on": dec_dev, **dec["decoded"][enc_tag],
-                              "max_pixel_diff_vs_first": int(np.abs(px - pixels[0]).max()),
-                              "mean_pixel_diff_vs_first": float(np.abs(px - pixels[0]).mean())})
-    same = all(len({p[k] for p in pairs if p["encoded_on"] == e}) == 1
-               for e in devices for k in ("indices", "y_hat"))
+            rows = [{"encoded_on": enc_dev, "decoded_on": dec_dev, **dec["decoded"][enc_tag],
+                     "max_pixel_diff_vs_first": int(np.abs(px - pixels[0]).max()),
+                     "mean_pixel_diff_vs_first": float(np.abs(px - pixels[0]).mean())}
+                    for dec, dec_dev, px in zip(decoded, devices, pixels)]
+            same &= all(len({r[k] for r in rows}) == 1 for k in ("indices", "y_hat"))  # one stream, every decoder
+            pairs += rows
     return {"devices": [r["device"] for r in encoded], "streams": encoded, "pairs": pairs, "identical_symbols": same}
 
 
