@@ -143,7 +143,7 @@ def cmd_bench(args) -> int:
         raise ValueError(f"unknown bench part(s) {sorted(unknown)}; known: {', '.join(bench.PARTS)}")
     _refuse_existing_out(args)
     _report_json(args, bench.run(parts, args.repeats, parse_floats(args.sizes, "--sizes"), args.model, args.sd,
-                                 bench.parse_shapes(args.shapes)))
+                                 bench.parse_shapes(args.shapes) if args.shapes else bench.SHAPES))
     return 0
 
 
@@ -258,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median; after one warm-up)")
     b.add_argument("--sizes", default="0.25,1,4,16", help="megapixels for the scaling part (16 = 4096x4096)")
     b.add_argument("--model", default=None, help=model_help)
-    b.add_argument("--shapes", default="1x1,1x300,7x5,4097x2049,8192x8192",
-                   help="WIDTHxHEIGHT list for the sizes part")
+    b.add_argument("--shapes", default=None,
+                   help="WIDTHxHEIGHT list for the sizes part (default: from 1x1 up to 8192x8192)")
     b.add_argument("--sd", action="store_true", help="time the SD 2.1-size configuration even without a GPU")
     b.add_argument("--force", action="store_true", help="overwrite --out")
     b.set_defaults(func=cmd_bench)
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sd", default=None, help="for --config sd: diffusers SD 2.1 / SD-Turbo folder or repo id")
     t.add_argument("--init", default=None, help="start from this saved model folder (continued training)")
     t.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
-                   help="autocast for the VAE and denoiser stages (bf16: ~1.7x faster on CPUs with bf16)")
+                   help="autocast for the VAE and denoiser stages (bf16: faster on CPUs and GPUs with bf16)")
     t.add_argument("--data", nargs="+", required=True, help="folders of training photos (never Kodak)")
     t.add_argument("--out", required=True, help="run folder (checkpoints, logs, final model)")
     t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")

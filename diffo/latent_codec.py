@@ -276,9 +276,10 @@ class DiffoLatentCodec(nn.Module):
         return self.residual.compress(latent, self.base.quantizer.embed(indices), rate_q, latent_valid, analysis)
 
     @torch.no_grad()
-    def decompress(self, streams: list[tuple[bytes, ...]], latent_shape: tuple[int, int], rate_q: int,
-                   latent_valid: tuple[int, int]):
-        """ĉ [B, C, h, w] from per-image streams (base,) or (base, z, y). latent_shape is padded to 8."""
+    def decode_symbols(self, streams: list[tuple[bytes, ...]], latent_shape: tuple[int, int], rate_q: int,
+                       latent_valid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The entropy-decoded symbols of per-image streams (base,) or (base, z, y): base indices, their
+        codebook embedding, and the residual ŷ (None at rate level 0). latent_shape is padded to 8."""
         h, w = latent_shape
         s = self.base.downsampling
         indices = self.base.decompress([st[0] for st in streams], valid_extent(latent_valid, s), (h // s, w // s))
@@ -287,4 +288,11 @@ class DiffoLatentCodec(nn.Module):
         if rate_q > 0:
             y_hat = self.residual.decompress([st[1] for st in streams], [st[2] for st in streams], embed, rate_q,
                                              latent_valid)
+        return indices, embed, y_hat
+
+    @torch.no_grad()
+    def decompress(self, streams: list[tuple[bytes, ...]], latent_shape: tuple[int, int], rate_q: int,
+                   latent_valid: tuple[int, int]):
+        """ĉ [B, C, h, w] from per-image streams (base,) or (base, z, y). latent_shape is padded to 8."""
+        _, embed, y_hat = self.decode_symbols(streams, latent_shape, rate_q, latent_valid)
         return self.synthesize(embed, y_hat)

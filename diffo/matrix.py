@@ -29,7 +29,6 @@ from PIL import Image
 
 from . import child, pipeline
 from .image import load_image, to_uint8
-from .latent_codec import valid_extent
 
 THREADS = (1, 2)
 BATCH = 4
@@ -119,17 +118,22 @@ def image_matrix(model) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ determinism
 def _h(t) -> str:
+    if t is None:  # no residual at rate level 0
+        return "none"
     return hashlib.sha256(t if isinstance(t, bytes) else t.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _sample_stream(model) -> bytes:
+    """The stream the determinism and device matrices decode: the crop at rate level 0.6, decoder seed 7."""
+    return pipeline.encode(model, _crop(), rate=0.6, seed=7)
 
 
 def _symbols(model, data: bytes) -> dict:
     """Hashes of the entropy-decoded base indices and residual symbols (ŷ) of `data`."""
     bs = pipeline.read_header(data)
-    lc = model.latent_codec
-    lh, lw = pipeline.padded_latent_shape(model, bs.height, bs.width)
-    valid = pipeline.latent_valid(bs.height, bs.width)
-    idx = lc.base.decompress([bs.streams[0]], valid_extent(valid, 4), (lh // 4, lw // 4))
-    y_hat = lc.residual.decompress([bs.streams[1]], [bs.streams[2]], lc.base.quantizer.embed(idx), bs.rate_q, valid)
+    shape = pipeline.padded_latent_shape(model, bs.height, bs.width)
+    idx, _, y_hat = model.latent_codec.decode_symbols([bs.streams], shape, bs.rate_q,
+                                                      pipeline.latent_valid(bs.height, bs.width))
     return {"indices": _h(idx), "y_hat": _h(y_hat)}
 
 
@@ -149,7 +153,7 @@ def _determinism_child(threads: int, model_source: str | None, stream: str) -> d
 
 
 def determinism_matrix(model, model_source: str | None) -> dict:
-    data = pipeline.encode(model, _crop(), rate=0.6, seed=7)
+    data = _sample_stream(model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         stream = Path(tmp) / "one.diffo"
@@ -176,7 +180,7 @@ def _device_child(phase: str, device: str, tag: str, model_source: str | None, f
     model = load_model(model_source, device=device)
     out = Path(folder)
     if phase == "encode":
-        data = pipeline.encode(model, _crop(), rate=0.6, seed=7)
+        data = _sample_stream(model)
         (out / f"{tag}.diffo").write_bytes(data)
         return {"device": str(model.device), "bytes": len(data), "stream": _h(data)}
     rows = {}

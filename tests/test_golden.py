@@ -5,7 +5,6 @@ differently: fix the change, or bump the format version and document it (docs/bi
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -40,17 +39,17 @@ def test_golden_stream_decodes_to_the_recorded_latent_and_pixels(golden):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_golden_stream_in_a_fresh_process(threads):
     """The same hashes from a separate interpreter with 1 or 2 threads (no state shared with this one)."""
-    code = ("import sys, json, torch; sys.path.insert(0, 'tools'); from make_golden import decoded_hashes;"
-            "from diffo.codec import DiffoCodec; from pathlib import Path; g = Path('tests/golden');"
-            f"torch.set_num_threads({threads});"
+    from diffo import child
+
+    code = (f"import sys, json, torch; sys.path.insert(0, {str(ROOT / 'tools')!r}); "
+            "from make_golden import decoded_hashes; from diffo.codec import DiffoCodec; from pathlib import Path; "
+            f"g = Path({str(GOLDEN)!r}); torch.set_num_threads({threads}); "
             "print(json.dumps(decoded_hashes(DiffoCodec.from_pretrained(g / 'model'),"
             " (g / 'golden.diffo').read_bytes())))")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    got = child.run_json(code, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    assert "error" not in got, got["error"]
     record = json.loads((GOLDEN / "golden.json").read_text())
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {k: record[k] for k in ("c_hat_sha256", "image_sha256")}
+    assert got == {k: record[k] for k in ("c_hat_sha256", "image_sha256")}
 
 
 def test_a_stream_from_a_newer_format_version_says_so(golden):

@@ -6,7 +6,7 @@ and the hashes of what decoding that stream must give (checked by tests/test_gol
 
 The fixture is what keeps old `.diffo` files readable: a change to the container, the entropy coder or the
 decoder that alters what an existing stream decodes to makes the test fail. The model is a randomly
-initialised (seeded) DiffO model of the tiny architecture at reduced width, so the fixture stays ~0.3 MB and
+initialised (seeded) DiffO model of the tiny architecture at reduced width, so the fixture stays ~1.4 MB and
 does not change when the embedded model is retrained.
 """
 

@@ -93,3 +93,12 @@ class LatentCropSampler:
             c = z[:, top:top + self.size, left:left + self.size]
             out.append(c.flip(-1) if self.rng.random() < 0.5 else c)
         return torch.stack(out)
+
+
+def load_centre_crop(path: Path, size: int) -> torch.Tensor:
+    """The centre size x size crop (smaller sides kept whole) of a photo as [3, h, w] float in [0, 1]: what the
+    held-out measurements and the noise tuning decode."""
+    img = load_rgb(path).float() / 255
+    h, w = img.shape[1:]
+    s = min(size, h, w)
+    return img[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]

@@ -9,18 +9,11 @@ import logging
 
 import torch
 
-from .data import load_rgb
+from .data import load_centre_crop
 
 logger = logging.getLogger(__name__)
 
 RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def centre_crop(img: torch.Tensor, size: int) -> torch.Tensor:
-    """The centre size x size crop of [C, H, W] (smaller sides kept whole): the held-out measurements'."""
-    h, w = img.shape[1:]
-    s = min(size, h, w)
-    return img[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
 
 
 @torch.no_grad()
@@ -37,7 +30,7 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
     if not files:
         return rows
     for p in files:
-        images.append(centre_crop(load_rgb(p).float() / 255, crop))
+        images.append(load_centre_crop(p, crop))
     for r in rates:
         acc = {"rate": r, "bpp": 0.0, "psnr": 0.0, "ms_ssim": 0.0, "psnr_nodenoise": 0.0, "haarpsi": 0.0,
                "haarpsi_nodenoise": 0.0}

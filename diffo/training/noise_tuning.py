@@ -12,9 +12,10 @@ import logging
 
 import torch
 
+from .model_card import RATES  # the rate levels the model card measures
+
 logger = logging.getLogger(__name__)
 
-RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 STRENGTHS = (0.0, 0.05, 0.1, 0.2, 0.35, 0.5)
 
 

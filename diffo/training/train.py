@@ -10,8 +10,8 @@ Stages (as the methods describe them; each has a step count and a time budget, w
   5. noise     the rate-adaptive noise map: per rate level, the strength with the best held-out HaarPSI
   6. final     entropy tables built, model saved (config.json + safetensors + model card)
 `--init FOLDER` starts every stage from a saved model's weights (continued training); `--mixed-precision
-bf16` runs the VAE and denoiser stages under accelerate's autocast (about 1.7x faster on a bf16-capable CPU;
-the codec stage stays float32: its likelihoods need the range).
+bf16` runs the VAE and denoiser stages under accelerate's autocast (faster where the CPU or GPU has bf16; the
+codec stage stays float32: its likelihoods need the range).
 Checkpoints (safetensors) are written every few minutes into OUT/checkpoint; `--resume` continues there.
 """
 
@@ -34,8 +34,7 @@ from ..discriminator import UNetFeatureDiscriminator
 from ..latent_codec import MAX_RATE_Q
 from . import checkpoint as ckpt
 from . import noise_tuning
-from .data import CropSampler, LatentCropSampler, list_images, split_holdout, load_rgb
-from .model_card import centre_crop
+from .data import CropSampler, LatentCropSampler, list_images, load_centre_crop, load_rgb, split_holdout
 
 logger = logging.getLogger(__name__)
 STAGES = ["vae", "latents", "codec", "denoiser", "noise", "final"]
@@ -73,8 +72,8 @@ class TrainConfig:
 
     def losses(self) -> str:
         """The objectives of each stage with this configuration's weights (for the model card)."""
-        return (f"VAE L1 + MSE + 1e-4·KL; latent codec bits per pixel + λ·MSE (λ {self.lambda_min:g} at rate level 0 to "
-                f"{self.lambda_max:g} at 1, geometric) + VQ codebook + 0.25·commitment, base code alone in "
+        return (f"VAE L1 + MSE + 1e-4·KL; latent codec bits per pixel + λ·MSE (λ {self.lambda_min:g} at rate "
+                f"level 0 to {self.lambda_max:g} at 1, geometric) + VQ codebook + 0.25·commitment, base code alone in "
                 f"{self.base_only_prob:.0%} of batches, dead codes restarted; control module + UNet: latent MSE "
                 f"+ {self.pixel_weight:g}·(1 − HaarPSI) of decoded crops + {self.adv_weight:g}·adversarial loss "
                 f"of the discriminator on the UNet's middle-layer features (from {self.adv_start:.0%} of the "
@@ -377,7 +376,7 @@ class Trainer:
             return
         self.model.eval()
         self.model.update()  # the real entropy coder: tuning goes through actual bytes
-        crops = [centre_crop(load_rgb(p).float() / 255, self.cfg.tune_crop) for p in self.held_files]
+        crops = [load_centre_crop(p, self.cfg.tune_crop) for p in self.held_files]
         t0 = time.time()
         table = noise_tuning.tune(self.model, crops)
         (self.out / "noise_tuning.json").write_text(json.dumps(table, indent=1))
