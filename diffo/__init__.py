@@ -8,10 +8,19 @@ The library needs no ComfyUI. Typical use::
     image = decode(model, data)              # float tensor [3, H, W] in [0, 1]
 """
 
-from .errors import (
+import os
+
+# MKL's sgemm splits its sums by thread count on AVX-512 CPUs, so the float networks' pixels would depend on the
+# number of threads. Strict conditional numerical reproducibility removes that at no measured cost (README,
+# "Decoding the same everywhere"). MKL reads this when it starts: it takes effect when diffo is imported before
+# torch has run any MKL routine (the CLI, scripts); a user's own MKL_CBWR setting wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+from .errors import (  # noqa: E402
     BitstreamError,
     DiffoError,
     ImageInputError,
+    MissingExtraError,
     ModelLoadError,
     ModelMismatchError,
     OutputExistsError,
@@ -22,12 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BitstreamError", "DiffoError", "ImageInputError", "ModelLoadError", "ModelMismatchError",
-    "OutputExistsError", "UnsupportedVersionError", "load_model", "encode", "decode", "DiffoCodec",
+    "OutputExistsError", "UnsupportedVersionError", "MissingExtraError", "load_model", "encode", "decode", "DiffoCodec",
 ]
 
 
 def __getattr__(name):
-    # Heavy imports (torch, diffusers, compressai) only when used, so `import diffo` stays cheap.
+    # Heavy imports (torch, diffusers) only when used, so `import diffo` stays cheap.
     if name in ("encode", "decode"):
         from . import pipeline
         return getattr(pipeline, name)

@@ -3,6 +3,8 @@ warm-up run; ratios are measured in the same run. JSON out.
 
     stages      encode / decode of a 768x512 photo with the embedded model, split by stage
     steps       the one-step decode vs the same networks run as a 50-step DDIM sampler (the papers' ~50x)
+    coders      the entropy coders of format 2 (constriction) and format 1 (CompressAI rANS) on the same
+                symbols of the 768x512 photo at several rate levels: bytes per sub-stream, encode and decode time
     compressai  our decode vs CompressAI's MeanScaleHyperprior (random weights) on the same image
     scaling     encode and decode time per megapixel from 0.25 to 16 MP, and peak memory of each decode,
                 each size in a fresh process (so peaks do not mix)
@@ -30,7 +32,8 @@ from .image import load_image
 
 BENCH_SIZE = (512, 768)  # H, W: Kodak's landscape size
 SCALING_MP = (0.25, 1.0, 4.0, 16.0)
-PARTS = ("stages", "steps", "compressai", "scaling", "sd", "sizes")
+PARTS = ("stages", "steps", "coders", "compressai", "scaling", "sd", "sizes")
+CODER_RATES = (0.0, 0.25, 0.5, 1.0)
 SHAPES = ((1, 1), (1, 300), (7, 5), (4097, 2049), (8192, 8192))  # W x H
 
 
@@ -137,10 +140,58 @@ def bench_steps(model, repeats: int, steps: int = 50) -> dict:
             "decode_speedup": (many + rest) / (one + rest)}
 
 
+# ------------------------------------------------------------------------------------------------ coders
+@torch.no_grad()
+def bench_coders(model, repeats: int) -> dict:
+    """Format 2's coder against format 1's on the same symbols: the cost of the format change."""
+    from .bitstream import quantize_unit
+    from .entropy import coder_for_format
+    from .errors import MissingExtraError
+
+    try:
+        coders = {v: coder_for_format(v) for v in (2, 1)}
+    except MissingExtraError as e:
+        return {"skipped": f"format 1's coder needs CompressAI: {e}"}
+    h, w = BENCH_SIZE
+    enc = pipeline.analyse(model, bench_image(h, w))
+    lc, shape = model.latent_codec, pipeline.padded_latent_shape(model, h, w)
+    rows = []
+    for rate in CODER_RATES:
+        q = quantize_unit(rate)
+        row = {"rate": rate}
+        for v, coder in coders.items():
+            def encode(coder=coder):
+                base, _ = lc.compress_base(enc.latent, enc.latent_valid, coder)
+                if q == 0:
+                    return (base[0],)
+                z, y = lc.compress_residual(enc.latent, enc.indices, q, enc.latent_valid, None, coder)
+                return base[0], z[0], y[0]
+
+            streams = encode()
+            row[f"format{v}"] = {
+                "coder": coder.name, "stream_bytes": [len(s) for s in streams],
+                "encode_s": median_time(encode, repeats),
+                "decode_s": median_time(lambda: lc.decode_symbols([streams], shape, q, enc.latent_valid, coder),
+                                        repeats)}
+        a, b = row["format2"], row["format1"]
+        row["bytes_2_minus_1"] = sum(a["stream_bytes"]) - sum(b["stream_bytes"])
+        row["decode_2_over_1"] = a["decode_s"] / b["decode_s"]
+        row["encode_2_over_1"] = a["encode_s"] / b["encode_s"]
+        rows.append(row)
+    return {"image": f"{w}x{h}", "note": "encode_s / decode_s: all entropy coding of the latent codec, including "
+            "the exact networks that pick the CDFs (the same for both coders)", "rates": rows}
+
+
 # ------------------------------------------------------------------------------------------------ compressai
 @torch.no_grad()
 def bench_compressai(model, repeats: int) -> dict:
-    from compressai.zoo.image import MeanScaleHyperprior
+    from .errors import MissingExtraError
+    from .extras import require
+
+    try:
+        MeanScaleHyperprior = require("compressai.zoo.image", "The CompressAI baseline").MeanScaleHyperprior
+    except MissingExtraError as e:
+        return {"skipped": str(e)}
 
     h, w = BENCH_SIZE
     img = bench_image(h, w)
@@ -255,7 +306,7 @@ def run(parts: list[str], repeats: int, sizes_mp, model_source: str | None, forc
     model = load_model(model_source)
     result = {"model": model.config.name, "fingerprint": model.fingerprint.hex(), "environment": environment()}
     steps = {"stages": lambda: bench_stages(model, repeats), "steps": lambda: bench_steps(model, repeats),
-             "compressai": lambda: bench_compressai(model, repeats),
+             "coders": lambda: bench_coders(model, repeats), "compressai": lambda: bench_compressai(model, repeats),
              "scaling": lambda: bench_scaling([_mp_shape(mp) for mp in sizes_mp], model_source),
              "sizes": lambda: bench_scaling(shapes, model_source, "sizes"), "sd": lambda: bench_sd(repeats, force_sd)}
     for part in parts:

@@ -1,11 +1,11 @@
-"""The `.diffo` container, format version 1: pure Python, no torch.
+"""The `.diffo` container, format versions 1 and 2: pure Python, no torch.
 
 A `.diffo` file is a fixed 27-byte header, a table of sub-stream lengths, the sub-streams, and a
 CRC-32 trailer. All integers are little-endian::
 
     off  size  field
       0     4  magic b"DIFO"
-      4     1  format version (uint8, = 1)
+      4     1  format version (uint8): 2 (written), 1 (read); it names the sub-streams' entropy coder
       5     1  flags (uint8): bit0 = residual present; any other bit is an error
       6     8  model fingerprint (8 raw bytes)
      14     2  width  (uint16, 1..65535)
@@ -18,7 +18,9 @@ CRC-32 trailer. All integers are little-endian::
     ...   sum  the sub-streams: base indices, then (with residual) hyper z, then residual y
   end-4     4  CRC-32 (zlib.crc32) of every byte before it
 
-`Bitstream.from_bytes` raises only `BitstreamError` (or its subclass `UnsupportedVersionError`) on bad
+The two versions share this layout and differ only in the entropy coder of the sub-streams: format 2,
+constriction's range coder (every writer); format 1, CompressAI's rANS coder (still read where CompressAI
+is installed). `Bitstream.from_bytes` raises only `BitstreamError` (or its subclass `UnsupportedVersionError`) on bad
 input, never IndexError/struct.error; a non-bytes argument is a TypeError. The full specification,
 with the validation rules and the versioning policy, is in docs/bitstream.md.
 """
@@ -35,6 +37,7 @@ from .errors import BitstreamError, UnsupportedVersionError
 
 __all__ = [
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "MAGIC",
     "FINGERPRINT_BYTES",
     "MAX_SIDE",
@@ -51,7 +54,8 @@ __all__ = [
     "peek_header",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what writers write
+READ_VERSIONS = (1, 2)  # what readers read: 1 = CompressAI rANS sub-streams, 2 = constriction range coder
 MAGIC = b"DIFO"
 FINGERPRINT_BYTES = 8
 MAX_SIDE = 65535
@@ -163,6 +167,7 @@ class Bitstream:
     strength_q: int  # 0..65535, strength = strength_q / 65535
     seed: int  # 0..2**32-1
     streams: tuple[bytes, ...]  # (base,) or (base, z, y)
+    format_version: int = FORMAT_VERSION  # names the sub-streams' entropy coder (see module docstring)
 
     def __post_init__(self) -> None:
         # Normalise bytes-likes so equality and hashing work; validation happens in to_bytes().
@@ -197,6 +202,8 @@ class Bitstream:
         _check_int("rate_q", self.rate_q, 0, _Q_MAX)
         _check_int("strength_q", self.strength_q, 0, _Q_MAX)
         _check_int("seed", self.seed, 0, _SEED_MAX)
+        if self.format_version not in READ_VERSIONS:
+            raise BitstreamError(f"format_version must be one of {READ_VERSIONS}, got {self.format_version!r}")
         if not isinstance(self.streams, tuple):
             raise BitstreamError(f"streams must be a tuple of bytes, got {type(self.streams).__name__}")
         if len(self.streams) not in (1, 3):
@@ -217,7 +224,7 @@ class Bitstream:
         parts = [
             _HEADER.pack(
                 MAGIC,
-                FORMAT_VERSION,
+                self.format_version,
                 flags,
                 self.fingerprint,
                 self.width,
@@ -251,10 +258,10 @@ class Bitstream:
             raise BitstreamError(f"truncated .diffo stream: header needs {HEADER_BYTES} bytes, file has {n}")
 
         version = data[4]
-        if version > FORMAT_VERSION:
+        if version > max(READ_VERSIONS):
             raise UnsupportedVersionError(
                 f"this .diffo file was made by a newer version of DiffO (format {version}); "
-                f"this one reads format {FORMAT_VERSION}: upgrade ComfyUI-DiffO"
+                f"this one reads formats {', '.join(map(str, READ_VERSIONS))}: upgrade ComfyUI-DiffO"
             )
         if version == 0:
             raise BitstreamError("invalid .diffo format version 0")
@@ -320,6 +327,7 @@ class Bitstream:
             strength_q=strength_q,
             seed=seed,
             streams=tuple(streams),
+            format_version=version,
         )
 
     @property
@@ -336,7 +344,7 @@ class Bitstream:
         """JSON-able summary of the header (fingerprint as hex, bpp over the whole file)."""
         total = self.total_bytes
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "fingerprint": bytes(self.fingerprint).hex(),
             "width": self.width,
             "height": self.height,

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, features
 
 from .bitstream import bits_per_pixel
+from .extras import require
 from .image import to_pil
 
 
@@ -62,13 +63,13 @@ def _pil_decode(data: bytes) -> Image.Image:
 
 
 def _jxl_encode(img: Image.Image, distance: float) -> bytes:
-    import imagecodecs
+    imagecodecs = require("imagecodecs", "The JPEG XL anchor")
 
     return bytes(imagecodecs.jpegxl_encode(np.asarray(img), distance=distance, effort=7, numthreads=1))
 
 
 def _jxl_decode(data: bytes) -> Image.Image:
-    import imagecodecs
+    imagecodecs = require("imagecodecs", "The JPEG XL anchor")
 
     return Image.fromarray(np.ascontiguousarray(imagecodecs.jpegxl_decode(data, numthreads=1))[..., :3])
 
@@ -94,7 +95,7 @@ def ycbcr_planes_to_rgb(planes: bytes, h: int, w: int) -> np.ndarray:
 def _ffmpeg(args: list[str], data: bytes, what: str) -> bytes:
     import subprocess
 
-    import imageio_ffmpeg
+    imageio_ffmpeg = require("imageio_ffmpeg", "The HEVC and VVC anchors")
 
     proc = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin",
                            *args], input=data, capture_output=True)
@@ -127,7 +128,7 @@ def _ffmpeg_encoder(name: str) -> Callable[[], str | None]:
 
             import imageio_ffmpeg
         except ImportError:
-            return "the imageio-ffmpeg package (pip install imageio-ffmpeg)"
+            return "the imageio-ffmpeg package (pip install \"comfyui-diffo[eval]\")"
         out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-encoders"], capture_output=True,
                              text=True).stdout
         return None if f" {name} " in out else f"an ffmpeg with {name} (imageio-ffmpeg's bundled build has it)"
@@ -143,7 +144,7 @@ def _jxl_available() -> str | None:
     try:
         import imagecodecs
     except ImportError:
-        return "the imagecodecs package (pip install imagecodecs)"
+        return "the imagecodecs package (pip install \"comfyui-diffo[eval]\")"
     return None if imagecodecs.JPEGXL.available else "an imagecodecs build with JPEG XL"
 
 

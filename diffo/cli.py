@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speed and memory: stages, 1 vs 50 steps, CompressAI, MP scaling, SD size")
     b.add_argument("--out", default=None, help="also write the JSON to this file")
-    b.add_argument("--parts", default="stages,steps,compressai,scaling,sd",
+    b.add_argument("--parts", default="stages,steps,coders,compressai,scaling,sd",
                    help="which measurements (also: sizes, the odd and huge image sizes of --shapes)")
     b.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median; after one warm-up)")
     b.add_argument("--sizes", default="0.25,1,4,16", help="megapixels for the scaling part (16 = 4096x4096)")

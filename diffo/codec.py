@@ -1,4 +1,4 @@
-"""`DiffoCodec`: the whole model, composed from diffusers and CompressAI blocks.
+"""`DiffoCodec`: the whole model, composed from diffusers blocks and our entropy models.
 
     image ─ VAE encoder ─ latent ─ DiffoLatentCodec ─ streams        (encoder side)
     streams ─ DiffoLatentCodec ─ ĉ ─ OneStepDenoiser(strength(rate)) ─ ẑ₀ ─ VAE decoder ─ image
@@ -22,7 +22,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from .tiling import configure_vae
 from .denoiser import ControlOutput, OneStepDenoiser
-from .entropy import EntropyModel, GaussianConditional, entropy_tables_ready, resize_table_buffers
+from .entropy import entropy_tables_ready, resize_table_buffers
 from .errors import ModelLoadError
 from .latent_codec import DiffoLatentCodec
 from .layers import use_contiguous_group_norm, zero_module
@@ -232,12 +232,11 @@ class DiffoCodec(ModelMixin, ConfigMixin):
         return self._fingerprint
 
     def update(self, force: bool = True) -> None:
-        """Build the entropy coders' CDF tables from the learned distributions (once, when finalising)."""
-        for m in self.latent_codec.modules():
-            if isinstance(m, GaussianConditional):
-                m.update()  # tables of its fixed scale table
-            elif isinstance(m, EntropyModel):
-                m.update(force=force)  # EntropyBottleneck, CategoricalPrior: tables of the learned densities
+        """Build the entropy coders' CDF tables from the learned distributions (once, when finalising).
+        Table construction is CompressAI's: this needs the `train` extra; coding with the tables does not."""
+        from .training.entropy_models import build_tables
+
+        build_tables(self.latent_codec, force=force)
         self._fingerprint = None
 
     # ------------------------------------------------------------------------------- the stages

@@ -10,14 +10,15 @@ from .bitstream import bits_per_pixel
 from .errors import OutputExistsError
 from .figures import comparison_picture
 from .fileio import save_image_atomic, write_atomic
+from .extras import require
 from .image import load_image, psnr
 
 
 def sample_photo() -> Path:
     """A real photo that an installed package ships (matplotlib's public-domain portrait of Grace Hopper)."""
-    import matplotlib.cbook
+    cbook = require("matplotlib.cbook", "The demo photo (matplotlib's sample data)")
 
-    return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
 def run_demo(image: str | None, out_dir: Path, model_source: str | None, rates: list[float], force: bool) -> list[dict]:

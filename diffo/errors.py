@@ -28,3 +28,7 @@ class ModelLoadError(DiffoError):
 
 class OutputExistsError(DiffoError, FileExistsError):
     """An output file already exists and the caller did not allow overwriting it."""
+
+
+class MissingExtraError(DiffoError, ImportError):
+    """An optional part of the package is needed and not installed; the message names the extra to install."""

@@ -26,6 +26,7 @@ import torch
 from . import classical, pipeline
 from .bitstream import bits_per_pixel
 from .fileio import save_image_atomic, write_atomic
+from .extras import require
 from .image import load_image
 from .metrics import LEARNED, METRICS, MetricUnavailable, learned_metric
 
@@ -204,6 +205,7 @@ def bd_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) 
     log-rate over the overlapping quality interval, with monotone cubic (PCHIP) interpolation as in
     current practice (Bjøntegaard 2001 / VCEG-AL22 with PCHIP). None when the quality ranges do not overlap
     or a curve has fewer than 2 points or is not monotone."""
+    require("scipy", "BD-rate")
     from scipy.integrate import trapezoid
     from scipy.interpolate import PchipInterpolator
 

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .extras import require
 from .image import to_pil
 
 
@@ -41,7 +42,7 @@ def rd_plot(series: dict[str, list[tuple[float, float]]], metric: str, title: st
             higher_is_better: bool = True, partial: dict[str, list[tuple[float, float]]] | None = None) -> Image.Image:
     """One rate-distortion curve per codec: `series[codec] = [(bpp, value), …]` → a PNG-ready PIL image.
     `partial` points (e.g. means over only some of the images) are drawn as hollow markers, unjoined."""
-    import matplotlib
+    matplotlib = require("matplotlib", "RD plots")
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure  # not pyplot: no global state, safe in a server thread

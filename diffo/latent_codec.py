@@ -21,12 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .entropy import CategoricalPrior, EntropyBottleneck, gaussian_conditional
+from .entropy import CategoricalPrior, EntropyBottleneck, SymbolCoder, coder_for_format, gaussian_conditional
 from .layers import WEIGHT_BITS, ExactConv2d, ResBlock, conv, exact_act, to_grid, upconv
 from .vq import VectorQuantizer
 
 GAIN_LIMIT = 64.0
 MAX_RATE_Q = 65535  # rate levels travel as 16-bit integers (see bitstream.py)
+WRITE_FORMAT = 2  # the .diffo format whose entropy coder every writer uses (see bitstream.py)
+
+
+def _coder(coder: SymbolCoder | None) -> SymbolCoder:
+    """The given coder, or the one of the format every writer uses."""
+    return coder if coder is not None else coder_for_format(WRITE_FORMAT)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -73,21 +79,24 @@ class VQBaseCodec(nn.Module):
     @staticmethod
     def coded_window(valid: tuple[int, int]) -> tuple[int, int]:
         """The window of indices that is coded: `valid`, but never a single symbol, because CompressAI's
-        rANS encoder (1.2.8) crashes on one-symbol strings. The base grid is always at least 2x2."""
+        rANS encoder (1.2.8, format 1) crashed on one-symbol strings; format 2 keeps the same window so both
+        formats code the same symbols. The base grid is always at least 2x2."""
         return (valid[0], max(valid[1], 2)) if valid[0] * valid[1] == 1 else valid
 
-    def compress(self, latent: torch.Tensor, valid: tuple[int, int]) -> tuple[list[bytes], torch.Tensor]:
+    def compress(self, latent: torch.Tensor, valid: tuple[int, int],
+                 coder: SymbolCoder | None = None) -> tuple[list[bytes], torch.Tensor]:
         """Strings of the indices inside the `valid` window; indices [B, h, w] with the padding filled."""
         valid = self.coded_window(valid)
         indices = self.quantizer.nearest(self.encoder(latent))[:, :valid[0], :valid[1]]
-        strings = self.prior.compress(indices)
+        strings = self.prior.compress(indices, _coder(coder))
         return strings, fill_padding(indices[:, None], self._shape(latent))[:, 0]
 
     def _shape(self, latent: torch.Tensor) -> tuple[int, int]:
         return latent.shape[-2] // self.downsampling, latent.shape[-1] // self.downsampling
 
-    def decompress(self, strings: list[bytes], valid: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
-        indices = self.prior.decompress(strings, self.coded_window(valid))
+    def decompress(self, strings: list[bytes], valid: tuple[int, int], shape: tuple[int, int],
+                   coder: SymbolCoder | None = None) -> torch.Tensor:
+        indices = self.prior.decompress(strings, self.coded_window(valid), _coder(coder))
         if int(indices.min()) < 0 or int(indices.max()) >= self.quantizer.codebook_size:  # forged streams only
             raise ValueError("base code index out of range")
         return fill_padding(indices[:, None], shape)[:, 0]
@@ -163,23 +172,25 @@ class HyperpriorResidualCodec(nn.Module):
         return y_hat, {"y": y_likelihoods, "z": z_likelihoods}
 
     @torch.no_grad()
-    def analyse(self, latent: torch.Tensor, base_embed: torch.Tensor,
-                latent_valid: tuple[int, int]) -> "ResidualAnalysis":
+    def analyse(self, latent: torch.Tensor, base_embed: torch.Tensor, latent_valid: tuple[int, int],
+                coder: SymbolCoder | None = None) -> "ResidualAnalysis":
         """Everything of the residual that does not depend on the rate level: y, the z strings (only the
         window that covers the image) and the unit-gain entropy parameters, computed as the decoder will."""
         y = self.analysis(latent, base_embed)
         z = self.h_a(y)
         zv = valid_extent(latent_valid, 8)
-        z_strings = self.entropy_bottleneck.compress(z[..., :zv[0], :zv[1]].contiguous())
-        z_hat = fill_padding(self.entropy_bottleneck.decompress(z_strings, zv), z.shape[-2:])
+        coder = _coder(coder)
+        z_strings = self.entropy_bottleneck.compress(z[..., :zv[0], :zv[1]].contiguous(), coder)
+        z_hat = fill_padding(self.entropy_bottleneck.decompress(z_strings, zv, coder), z.shape[-2:])
         means, scales = self.unit_entropy_parameters(z_hat, base_embed)
         return ResidualAnalysis(y.double(), z_strings, means, scales)
 
     @torch.no_grad()
     def compress(self, latent: torch.Tensor, base_embed: torch.Tensor, rate_q: int, latent_valid: tuple[int, int],
-                 analysis: "ResidualAnalysis | None" = None):
+                 analysis: "ResidualAnalysis | None" = None, coder: SymbolCoder | None = None):
         """(z strings, y strings) of rate level rate_q; pass `analysis` to reuse it across rate levels."""
-        an = analysis or self.analyse(latent, base_embed, latent_valid)
+        coder = _coder(coder)
+        an = analysis or self.analyse(latent, base_embed, latent_valid, coder)
         g = self.gain(rate_q)
         means, scales = self.apply_gain(an.means, an.scales, g)
         yv = valid_extent(latent_valid, 2)
@@ -187,22 +198,22 @@ class HyperpriorResidualCodec(nn.Module):
         indexes = self.gaussian_conditional.build_indexes(scales)
         y_g = an.y * g[None, :, None, None]
         y_strings = self.gaussian_conditional.compress(y_g[win].contiguous(), indexes[win].contiguous(),
-                                                       means=means[win].contiguous())
+                                                       means[win].contiguous(), coder)
         return an.z_strings, y_strings
 
     @torch.no_grad()
     def decompress(self, z_strings: list[bytes], y_strings: list[bytes], base_embed: torch.Tensor, rate_q: int,
-                   latent_valid: tuple[int, int]) -> torch.Tensor:
+                   latent_valid: tuple[int, int], coder: SymbolCoder | None = None) -> torch.Tensor:
         """ŷ (unit gain) [B, M, h/2, w/2] of the latent grid, its padding filled."""
         lh, lw = base_embed.shape[-2] * 4, base_embed.shape[-1] * 4
         zv, yv = valid_extent(latent_valid, 8), valid_extent(latent_valid, 2)
-        z_hat = fill_padding(self.entropy_bottleneck.decompress(z_strings, zv), (lh // 8, lw // 8))
+        coder = _coder(coder)
+        z_hat = fill_padding(self.entropy_bottleneck.decompress(z_strings, zv, coder), (lh // 8, lw // 8))
         g = self.gain(rate_q)
         means, scales = self.entropy_parameters(z_hat, base_embed, g)
         win = (..., slice(0, yv[0]), slice(0, yv[1]))
         indexes = self.gaussian_conditional.build_indexes(scales)[win].contiguous()
-        y_hat = self.gaussian_conditional.decompress(y_strings, indexes, dtype=torch.float64,
-                                                     means=means[win].contiguous())
+        y_hat = self.gaussian_conditional.decompress(y_strings, indexes, means[win].contiguous(), coder)
         y_hat = fill_padding(y_hat, (lh // 2, lw // 2))
         return (y_hat / g[None, :, None, None]).float()
 
@@ -259,40 +270,47 @@ class DiffoLatentCodec(nn.Module):
 
     # `latent_valid` is the part of the (padded) latent that covers the image: ceil(H/8) x ceil(W/8).
     @torch.no_grad()
-    def compress_base(self, latent: torch.Tensor, latent_valid: tuple[int, int]) -> tuple[list[bytes], torch.Tensor]:
+    def compress_base(self, latent: torch.Tensor, latent_valid: tuple[int, int],
+                      coder: SymbolCoder | None = None) -> tuple[list[bytes], torch.Tensor]:
         """Base-code strings and indices (one per batch element): the same for every rate level."""
-        return self.base.compress(latent, valid_extent(latent_valid, self.base.downsampling))
+        return self.base.compress(latent, valid_extent(latent_valid, self.base.downsampling), coder)
 
     @torch.no_grad()
-    def analyse_residual(self, latent: torch.Tensor, indices: torch.Tensor,
-                         latent_valid: tuple[int, int]) -> ResidualAnalysis:
-        return self.residual.analyse(latent, self.base.quantizer.embed(indices), latent_valid)
+    def analyse_residual(self, latent: torch.Tensor, indices: torch.Tensor, latent_valid: tuple[int, int],
+                         coder: SymbolCoder | None = None) -> ResidualAnalysis:
+        return self.residual.analyse(latent, self.base.quantizer.embed(indices), latent_valid, coder)
 
     @torch.no_grad()
     def compress_residual(self, latent: torch.Tensor, indices: torch.Tensor, rate_q: int,
-                          latent_valid: tuple[int, int], analysis: ResidualAnalysis | None = None):
+                          latent_valid: tuple[int, int], analysis: ResidualAnalysis | None = None,
+                          coder: SymbolCoder | None = None):
         """(z strings, y strings) of rate level rate_q > 0; `analysis` (from analyse_residual) skips the
         rate-independent work when several levels are tried."""
-        return self.residual.compress(latent, self.base.quantizer.embed(indices), rate_q, latent_valid, analysis)
+        return self.residual.compress(latent, self.base.quantizer.embed(indices), rate_q, latent_valid, analysis,
+                                      coder)
 
     @torch.no_grad()
     def decode_symbols(self, streams: list[tuple[bytes, ...]], latent_shape: tuple[int, int], rate_q: int,
-                       latent_valid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       latent_valid: tuple[int, int], coder: SymbolCoder | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The entropy-decoded symbols of per-image streams (base,) or (base, z, y): base indices, their
-        codebook embedding, and the residual ŷ (None at rate level 0). latent_shape is padded to 8."""
+        codebook embedding, and the residual ŷ (None at rate level 0). latent_shape is padded to 8; `coder`
+        is the one of the streams' format (default: the format writers use)."""
         h, w = latent_shape
         s = self.base.downsampling
-        indices = self.base.decompress([st[0] for st in streams], valid_extent(latent_valid, s), (h // s, w // s))
+        coder = _coder(coder)
+        indices = self.base.decompress([st[0] for st in streams], valid_extent(latent_valid, s), (h // s, w // s),
+                                       coder)
         embed = self.base.quantizer.embed(indices)
         y_hat = None
         if rate_q > 0:
             y_hat = self.residual.decompress([st[1] for st in streams], [st[2] for st in streams], embed, rate_q,
-                                             latent_valid)
+                                             latent_valid, coder)
         return indices, embed, y_hat
 
     @torch.no_grad()
     def decompress(self, streams: list[tuple[bytes, ...]], latent_shape: tuple[int, int], rate_q: int,
-                   latent_valid: tuple[int, int]):
+                   latent_valid: tuple[int, int], coder: SymbolCoder | None = None):
         """ĉ [B, C, h, w] from per-image streams (base,) or (base, z, y). latent_shape is padded to 8."""
-        _, embed, y_hat = self.decode_symbols(streams, latent_shape, rate_q, latent_valid)
+        _, embed, y_hat = self.decode_symbols(streams, latent_shape, rate_q, latent_valid, coder)
         return self.synthesize(embed, y_hat)

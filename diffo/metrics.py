@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .extras import require
 from .image import psnr, to_uint8
 
 # MS-SSIM's 11-px window over 5 scales needs a shorter side above (11 - 1) * 2**4 = 160 px.
@@ -32,7 +33,7 @@ def _batch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     """Multi-scale SSIM (pytorch-msssim, the CompressAI papers' implementation); NaN below 161 px a side."""
-    from pytorch_msssim import ms_ssim as _ms_ssim
+    _ms_ssim = require("pytorch_msssim", "MS-SSIM").ms_ssim
 
     x, y = _batch(a, b)
     if min(x.shape[-2:]) < MS_SSIM_MIN_SIDE:
@@ -42,7 +43,7 @@ def ms_ssim(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def haarpsi(a: torch.Tensor, b: torch.Tensor) -> float:
     """HaarPSI (piq): a weight-free perceptual similarity, 1 = identical; NaN below 64 px a side."""
-    import piq
+    piq = require("piq", "HaarPSI")
 
     x, y = _batch(a, b)
     if min(x.shape[-2:]) < HAARPSI_MIN_SIDE:
@@ -52,7 +53,7 @@ def haarpsi(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def gmsd(a: torch.Tensor, b: torch.Tensor) -> float:
     """Gradient magnitude similarity deviation (piq): 0 = identical, higher is worse."""
-    import piq
+    piq = require("piq", "GMSD")
 
     x, y = _batch(a, b)
     return float(piq.gmsd(x, y, data_range=1.0).mean())
@@ -74,7 +75,7 @@ class MetricUnavailable(RuntimeError):
 def learned_metric(name: str):
     """A callable (a, b) -> float for 'lpips' or 'dists' (lower is better), or MetricUnavailable saying which
     weight files are missing from the torch hub cache."""
-    import piq
+    piq = require("piq", "LPIPS and DISTS")
 
     label, weights = LEARNED[name]
     folder = Path(torch.hub.get_dir()) / "checkpoints"

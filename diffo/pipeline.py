@@ -22,6 +22,7 @@ from . import tiling
 from .bitstream import MAX_PIXELS, MAX_SIDE, Bitstream, bits_per_pixel, dequantize_unit, quantize_unit
 from .codec import DiffoCodec
 from .denoiser import ControlOutput
+from .entropy import coder_for_format
 from .errors import BitstreamError, DiffoError, ImageInputError, ModelMismatchError
 from .image import crop_to, load_image, pad_to_multiple
 from .latent_codec import MAX_RATE_Q, ResidualAnalysis
@@ -185,11 +186,13 @@ def entropy_decode(model: DiffoCodec, data: bytes | Bitstream,
             f"this stream was made by model {bs.fingerprint.hex()}, but the loaded model "
             f"'{model.config.name}' is {model.fingerprint.hex()}: load the model that made it")
     shape = padded_latent_shape(model, bs.height, bs.width)
+    coder = coder_for_format(bs.format_version)  # format 1 needs CompressAI: a MissingExtraError says so
     try:
-        c_hat = model.latent_codec.decompress([bs.streams], shape, bs.rate_q, latent_valid(bs.height, bs.width))
+        c_hat = model.latent_codec.decompress([bs.streams], shape, bs.rate_q, latent_valid(bs.height, bs.width),
+                                              coder)
     except DiffoError:
         raise
-    except Exception as e:  # the rANS decoder or a shape check met data no encoder wrote
+    except Exception as e:  # the entropy decoder or a shape check met data no encoder wrote
         raise BitstreamError(f"the entropy-coded data is damaged or forged ({type(e).__name__}: {e})") from e
     return bs, c_hat
 

@@ -77,7 +77,7 @@ def test_layout_is_as_documented():
               seed=0x090A0B0C)
     data = bs.to_bytes()
     assert data[:4] == MAGIC == b"DIFO"
-    assert data[4] == FORMAT_VERSION == 1
+    assert data[4] == FORMAT_VERSION == 2
     assert data[5] == 0x01
     assert data[6:14] == FP
     assert data[14:16] == b"\x02\x01"
@@ -101,7 +101,7 @@ def test_properties_and_header_dict():
     d = bs.header_dict()
     json.dumps(d)
     assert d == {
-        "format_version": 1,
+        "format_version": 2,
         "fingerprint": FP.hex(),
         "width": 64,
         "height": 48,
@@ -192,9 +192,9 @@ def test_bad_magic():
 
 def test_newer_version():
     data = bytearray(VALID)
-    data[4] = 2
-    err = expect(bytes(data), "newer", UnsupportedVersionError)
-    assert "format 2" in str(err) and "upgrade ComfyUI-DiffO" in str(err)
+    data[4] = 3
+    err = expect(reseal(bytes(data[:-4])), "newer", UnsupportedVersionError)
+    assert "format 3" in str(err) and "reads formats 1, 2" in str(err) and "upgrade ComfyUI-DiffO" in str(err)
     expect(b"DIFO\x07", "newer", UnsupportedVersionError)  # version wins over truncation
     assert issubclass(UnsupportedVersionError, BitstreamError) and issubclass(BitstreamError, DiffoError)
 
@@ -358,3 +358,14 @@ def test_fuzz_round_trip(bs):
     data = bs.to_bytes()
     assert Bitstream.from_bytes(data) == bs
     assert bs.header_dict()["total_bytes"] == len(data)
+
+
+def test_format_1_files_parse_and_keep_their_version():
+    """Format 1 (CompressAI's coder) has the same layout: it parses, says so, and writes back byte for byte."""
+    old = make((b"AB", b"C", b"D")).replace(format_version=1)
+    data = old.to_bytes()
+    assert data[4] == 1
+    back = Bitstream.from_bytes(data)
+    assert back.format_version == 1 and back.header_dict()["format_version"] == 1 and back.to_bytes() == data
+    with pytest.raises(BitstreamError, match="format_version must be one of"):
+        make().replace(format_version=7).to_bytes()

@@ -13,16 +13,27 @@ from diffo.noise import check_noise_map, strength_for_rate
 
 
 def test_forward_shapes_and_likelihoods(tiny_model):
+    from diffo.training import entropy_models
+
     lat = torch.randn(2, 4, 16, 24)
     tiny_model.latent_codec.train()
+    entropy_models.trainable(tiny_model.latent_codec)  # likelihoods are training's (CompressAI's models)
     try:
         out = tiny_model.latent_codec(lat, 30000)
+        base_only = tiny_model.latent_codec(lat, 0)
     finally:
+        entropy_models.runtime(tiny_model.latent_codec)
         tiny_model.latent_codec.eval()
     assert out.c_hat.shape == lat.shape
     assert set(out.likelihoods) == {"indices", "y", "z"}
-    base_only = tiny_model.latent_codec(lat, 0)
     assert set(base_only.likelihoods) == {"indices"}
+
+
+def test_run_time_models_refuse_training_work_naming_the_fix(tiny_model):
+    from diffo.errors import MissingExtraError
+
+    with pytest.raises(MissingExtraError, match="trainable"):
+        tiny_model.latent_codec(torch.randn(1, 4, 16, 16), 30000)
 
 
 def test_exact_conv_is_independent_of_batch_and_threads():

@@ -31,8 +31,10 @@ from tqdm import tqdm
 
 from ..codec import DiffoCodec
 from ..discriminator import UNetFeatureDiscriminator
+from ..extras import require
 from ..latent_codec import MAX_RATE_Q
 from . import checkpoint as ckpt
+from . import entropy_models
 from . import noise_tuning
 from .data import CropSampler, LatentCropSampler, list_images, load_centre_crop, load_rgb, split_holdout
 
@@ -96,7 +98,7 @@ def _bits(likelihoods: dict) -> torch.Tensor:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        from accelerate import Accelerator
+        Accelerator = require("accelerate", "Training").Accelerator
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -114,6 +116,7 @@ class Trainer:
             self.model = DiffoCodec.from_sd(cfg.sd_path)
         else:
             raise ValueError(f"unknown --config {cfg.config!r}: use tiny or sd")
+        entropy_models.trainable(self.model)  # CompressAI's differentiable entropy models (the train extra)
         self.device = self.acc.device  # accelerate picks the GPU when there is one
         self.model.to(self.device)
         files = list_images(cfg.data)
@@ -378,7 +381,8 @@ class Trainer:
         self.model.update()  # the real entropy coder: tuning goes through actual bytes
         crops = [load_centre_crop(p, self.cfg.tune_crop) for p in self.held_files]
         t0 = time.time()
-        table = noise_tuning.tune(self.model, crops)
+        with entropy_models.runtime_view(self.model):  # real files, coded as users code them
+            table = noise_tuning.tune(self.model, crops)
         (self.out / "noise_tuning.json").write_text(json.dumps(table, indent=1))
         self.progress.update(noise_rates=list(self.model.config.noise_rates),
                              noise_strengths=list(self.model.config.noise_strengths))
