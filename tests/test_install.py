@@ -99,12 +99,14 @@ def test_runtime_requirements_resolve_with_wheels_only(resolutions, platform, py
 @pytest.mark.parametrize("platform,python", COMBOS)
 def test_extras_resolve_with_wheels_only_and_compressai_only_where_it_has_wheels(resolutions, platform, python):
     r = resolutions[("extras", platform, python)]
+    if "glibc 2.28" in platform and python != "3.13":
+        # The documented gap (README, Extras): CompressAI's Linux wheels need glibc >= 2.34, which markers cannot
+        # express, so on an older Linux the train extra has no wheel for it (the run time needs none of it).
+        assert r.returncode != 0 and "compressai" in r.stderr, _explain(r)
+        return
     assert r.returncode == 0, f"the eval + train extras do not install with wheels on {platform}, Python " \
                               f"{python}: {_explain(r)}"
-    has_wheels = python != "3.13" and not platform.startswith("Windows") and "glibc 2.28" not in platform
-    # CompressAI's Linux wheels need glibc 2.34: on 2.28 the marker lets pip try them and it must not resolve
-    if "glibc 2.28" in platform and python != "3.13":
-        pytest.skip("Linux with glibc < 2.34: CompressAI has no wheel; pip would build it from source there")
+    has_wheels = python != "3.13" and not platform.startswith("Windows")
     assert ("compressai" in _pinned(r.stdout)) == has_wheels
 
 
@@ -148,13 +150,9 @@ def test_installing_the_requirements_keeps_numpy_2_and_torch(tmp_path):
 
 
 BLOCKER = textwrap.dedent("""
-    import importlib.abc, sys
-    BLOCKED = set(sys.argv[1].split(","))
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"No module named {name!r} (blocked by the test)")
-    sys.meta_path.insert(0, Block())
+    import sys
+    for name in filter(None, sys.argv[1].split(",")):
+        sys.modules[name] = None  # as if not installed: import raises ImportError, find_spec gives None
     sys.argv = sys.argv[:1]
 """)
 
@@ -168,8 +166,9 @@ def _run_blocked(blocked: list[str], body: str) -> dict:
 
 
 def test_the_run_time_path_never_imports_compressai():
-    """Encode, decode, the CLI's header reading and every node's import, with CompressAI made unimportable."""
-    got = _run_blocked(["compressai"], """
+    """Encode, decode, the CLI's header reading and every node's import: CompressAI (installed in the test
+    environment) must not be among the imported modules afterwards."""
+    got = _run_blocked([], """
         import json, sys, tempfile, pathlib, torch
         from diffo import pipeline, cli
         from diffo.hub import load_model

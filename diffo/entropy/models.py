@@ -83,7 +83,7 @@ class TableEntropyModel(nn.Module):
         idx = indexes.detach().cpu().long().numpy()
         out = np.stack([coder.decode(s, idx[i].reshape(-1), tables).reshape(idx[i].shape)
                         for i, s in enumerate(strings)]) if len(strings) else np.zeros(idx.shape, np.int64)
-        return torch.from_numpy(out).to(indexes.device)
+        return torch.from_numpy(out).to(self._quantized_cdf.device)  # where the model is, like CompressAI's
 
     def compress_values(self, values: torch.Tensor, indexes: torch.Tensor, means: torch.Tensor,
                         coder: SymbolCoder) -> list[bytes]:
