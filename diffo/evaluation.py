@@ -28,13 +28,12 @@ from .bitstream import bits_per_pixel
 from .fileio import save_image_atomic, write_atomic
 from .extras import require
 from .image import load_image
-from .metrics import LEARNED, METRICS, MetricUnavailable, learned_metric
+from .metrics import LEARNED, LOWER_IS_BETTER, METRICS, MetricUnavailable, learned_metric
 
 DIFFO_CODECS = ["diffo", "diffo-nodenoise"]
 ALL_CODECS = DIFFO_CODECS + list(classical.CODECS)
 DEFAULT_BPPS = (0.02, 0.05, 0.1, 0.15)
-BASE_METRICS = list(METRICS)  # psnr, ms_ssim, haarpsi, gmsd
-LOWER_IS_BETTER = {"gmsd", "lpips", "dists"}
+BASE_METRICS = list(METRICS)  # psnr, ms_ssim, haarpsi, gmsd, niqe (no-reference: of the reconstruction)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 
 

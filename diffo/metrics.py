@@ -1,7 +1,7 @@
 """Image quality metrics, computed the same way everywhere (nodes, eval, demo).
 
 All take two images [3, H, W] (or [B, 3, H, W]) in [0, 1], round them to 8 bits first (what a user sees
-in a PNG), and return a float. A metric that is undefined for the input (MS-SSIM on an image smaller than
+in a PNG), and return a float. NIQE is no-reference: it scores the second image alone (lower is more natural). A metric that is undefined for the input (MS-SSIM on an image smaller than
 its five scales need) returns NaN, never a made-up value: callers print it as "n/a".
 """
 
@@ -20,7 +20,7 @@ MS_SSIM_MIN_SIDE = 161
 # HaarPSI's coarsest Haar filter is 2**6 = 64 px wide (piq pads, but below that it is meaningless).
 HAARPSI_MIN_SIDE = 64
 
-__all__ = ["psnr", "ms_ssim", "haarpsi", "gmsd", "quality", "METRICS", "MS_SSIM_MIN_SIDE", "learned_metric"]
+__all__ = ["psnr", "ms_ssim", "haarpsi", "gmsd", "niqe", "quality", "METRICS", "MS_SSIM_MIN_SIDE", "learned_metric"]
 
 
 def _batch(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +59,19 @@ def gmsd(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(piq.gmsd(x, y, data_range=1.0).mean())
 
 
-METRICS = {"psnr": psnr, "ms_ssim": ms_ssim, "haarpsi": haarpsi, "gmsd": gmsd}
+def niqe(a: torch.Tensor, b: torch.Tensor) -> float:
+    """NIQE of `b` alone (diffo/niqe.py; `a` is not used): lower is more natural. NaN below two 96x96 blocks."""
+    from .niqe import niqe as _niqe
+
+    _, y = _batch(a, b)
+    try:
+        return float(sum(_niqe(img) for img in y) / len(y))
+    except ValueError:
+        return math.nan
+
+
+METRICS = {"psnr": psnr, "ms_ssim": ms_ssim, "haarpsi": haarpsi, "gmsd": gmsd, "niqe": niqe}
+LOWER_IS_BETTER = {"gmsd", "niqe", "lpips", "dists"}
 
 # Learned metrics: their backbone (torchvision's VGG16) and linear weights are downloaded by torch.hub on first
 # use. Nothing is downloaded here: they are measured only when the files are already in the torch hub cache

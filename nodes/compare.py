@@ -10,13 +10,13 @@ import torch
 from ..diffo import classical
 from ..diffo.bitstream import bits_per_pixel
 from ..diffo.figures import comparison_picture, rd_plot
-from ..diffo.metrics import quality
+from ..diffo.metrics import LOWER_IS_BETTER, niqe, quality
 from ..diffo.sweep import markdown_table, parse_floats, rate_sweep, series
 from . import comfy_env
 from .types import BITSTREAM, MODEL, images_from_comfy, images_to_comfy
 
 CODEC_LABELS = {c.label: name for name, c in classical.CODECS.items()}
-SWEEP_METRICS = ["psnr", "ms_ssim", "haarpsi", "gmsd"]
+SWEEP_METRICS = ["psnr", "ms_ssim", "haarpsi", "gmsd", "niqe"]
 
 
 def _fmt(name: str, value: float) -> str:
@@ -32,7 +32,8 @@ def _pil_to_comfy(pictures) -> torch.Tensor:
 
 class DiffOCompare:
     DESCRIPTION = ("Measures a reconstruction against its original: bytes and bpp (when the bitstream is "
-                   "connected), PSNR, MS-SSIM, HaarPSI and GMSD; and draws them side by side with the figures.")
+                   "connected), PSNR, MS-SSIM, HaarPSI, GMSD and NIQE (naturalness of each image alone, lower is "
+                   "more natural); and draws them side by side with the figures.")
     CATEGORY = "DiffO/compare"
     SEARCH_ALIASES = ["psnr", "ms-ssim", "image quality", "side by side", "compare images"]
     RETURN_TYPES = ("STRING", "IMAGE")
@@ -70,8 +71,9 @@ class DiffOCompare:
                 size = [f"{len(bitstream[i])} bytes", f"{bits_per_pixel(len(bitstream[i]), w, h):.4f} bpp"]
             elif bpp is not None:
                 size = [f"{bpp:.4f} bpp"]
+            niqe_original = _fmt("", niqe(a, a)).strip()  # no-reference: the original's own naturalness
             figures = [_fmt("PSNR", q["psnr"]), _fmt("MS-SSIM", q["ms_ssim"]), _fmt("HaarPSI", q["haarpsi"]),
-                       _fmt("GMSD", q["gmsd"])]
+                       _fmt("GMSD", q["gmsd"]), _fmt("NIQE", q["niqe"]) + f" (original {niqe_original})"]
             lines.append(f"{label} image {i + 1}: {w}x{h}, " + ", ".join(size + figures))
             caption = f"{label}: " + ", ".join(size) + "\n" + ", ".join(figures[:2]) + "\n" + ", ".join(figures[2:])
             sheets.append(comparison_picture(a, [(caption, b)], original_label=f"original {w}x{h}"))
@@ -150,5 +152,5 @@ class DiffORateSweep:
         h, w = images[0].shape[1:]
         title = f"{metric} vs rate, {w}x{h}" + (f" (first of {len(images)} images)" if len(images) > 1 else "")
         table = markdown_table(rows, SWEEP_METRICS)
-        plot = rd_plot(series(rows, metric), metric, title, higher_is_better=metric != "gmsd")
+        plot = rd_plot(series(rows, metric), metric, title, higher_is_better=metric not in LOWER_IS_BETTER)
         return {"ui": {"text": [table]}, "result": (_pil_to_comfy([plot]), table)}
