@@ -99,6 +99,36 @@ def cmd_examples(args) -> int:
     return 0
 
 
+def cmd_strength(args) -> int:
+    from .fileio import save_image_atomic, write_atomic
+    from .figures import strength_plot
+    from .hub import load_model
+    from .image import load_image
+    from .sweep import parse_floats, strength_sweep
+
+    out = Path(args.out)
+    targets = [out / "strength_sweep.json", out / "strength_sweep.png"]
+    if not args.force and any(p.exists() for p in targets):
+        raise DiffoError(f"{out} already holds a strength sweep; pass --force to replace it")
+    strengths = parse_floats(args.strengths, "--strengths")
+    if any(not 0 <= s <= 1 for s in strengths):
+        raise DiffoError("--strengths: every strength must be in [0, 1]")
+    if args.image is None:
+        from .demo import sample_photo
+
+        args.image = str(sample_photo())
+    image = load_image(Path(args.image))
+    rows = strength_sweep(load_model(args.model), image, strengths, bpp=args.bpp, seed=args.seed)
+    write_atomic(targets[0], (json.dumps(rows, indent=1) + "\n").encode(), force=True)
+    title = f"{Path(args.image).name}, {rows[0]['bpp']:.4f} bpp: one stream, decoded at each strength"
+    save_image_atomic(targets[1], strength_plot(rows, title), force=True)
+    for r in rows:
+        name = "no denoise" if r["strength"] is None else f"{r['strength']:.2f}" + (" (default)" if r.get("default") else "")
+        print(f"{name:>16}  PSNR {r['psnr']:.2f} dB  NIQE {r['niqe']:.2f}")
+    print(f"wrote {targets[0]} and {targets[1]}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from . import evaluation
     from .sweep import parse_floats
@@ -239,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help=model_help)
     e.add_argument("--force", action="store_true", help="replace existing example files")
     e.set_defaults(func=cmd_examples)
+
+    s = sub.add_parser("strength", help="one stream decoded at several noise strengths: PSNR and NIQE plot")
+    s.add_argument("--image", default=None, help="the photo to compress (default: the demo's sample photo)")
+    s.add_argument("--bpp", type=float, default=0.05, help="target bits per pixel of the one stream")
+    s.add_argument("--strengths", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", help="strengths to decode at")
+    s.add_argument("--seed", type=int, default=0, help="decoder noise seed")
+    s.add_argument("--out", required=True, help="folder for strength_sweep.json and .png")
+    s.add_argument("--model", default=None, help=model_help)
+    s.add_argument("--force", action="store_true", help="replace an earlier sweep in --out")
+    s.set_defaults(func=cmd_strength)
 
     v = sub.add_parser("eval", help="rate-distortion against classical codecs on a folder of images (resumable)")
     v.add_argument("--images", required=True, help="folder of images, e.g. ../shared/data/kodak")

@@ -35,6 +35,8 @@ ALL_CODECS = DIFFO_CODECS + list(classical.CODECS)
 DEFAULT_BPPS = (0.02, 0.05, 0.1, 0.15)
 BASE_METRICS = list(METRICS)  # psnr, ms_ssim, haarpsi, gmsd, niqe (no-reference: of the reconstruction)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
+PANEL_CODECS = ("diffo", "diffo-nodenoise", "avif", "vvc")  # realism is judged by looking: these side by side
+PANEL_CROP, PANEL_ZOOM = 128, 2  # the crop panels' region (px of the original) and nearest-neighbour zoom
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -70,6 +72,11 @@ class Evaluation:
     save_images: bool = False
     fingerprint: str = ""  # the DiffO model's: its points are cached per model, never reused for another
 
+    def image_path(self, image: Path, codec: str, bpp: float) -> Path:
+        """Where a reconstruction is kept (every one with --save-images, the panel codecs' always)."""
+        model = f".{self.fingerprint}" if codec in DIFFO_CODECS else ""
+        return self.out / "images" / image.stem / f"{codec}@{bpp:g}{model}.png"
+
     def point_path(self, image: Path, codec: str, bpp: float, suffix: str = ".json") -> Path:
         model = f".{self.fingerprint}" if codec in DIFFO_CODECS else ""
         return self.out / "points" / image.stem / f"{codec}@{bpp:g}{model}{suffix}"
@@ -96,7 +103,57 @@ def evaluate_image(ev: Evaluation, image: Path, model, measures: dict, progress=
             rows.append(row)
             if progress:
                 progress()
+    write_panels(ev, image, rows)
     return rows
+
+
+def texture_window(img: torch.Tensor, size: int = PANEL_CROP) -> tuple[int, int]:
+    """(top, left) of the size x size window with the most local detail (mean absolute Laplacian of the
+    luminance): where blur and invented texture show. The same for every codec of an image."""
+    lum = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2])[None, None]
+    lap = torch.nn.functional.conv2d(lum, torch.tensor([[[[0., 1, 0], [1, -4, 1], [0, 1, 0]]]]), padding=1).abs()
+    size = min(size, img.shape[1], img.shape[2])
+    score = torch.nn.functional.avg_pool2d(lap, size, stride=max(1, size // 4))[0, 0]
+    i = int(score.argmax())
+    return (i // score.shape[1]) * max(1, size // 4), (i % score.shape[1]) * max(1, size // 4)
+
+
+def write_panels(ev: Evaluation, image: Path, rows: list[dict]) -> list[Path]:
+    """Per target bpp: the same crop of the original and of each panel codec's reconstruction, zoomed, each
+    labelled with its real bpp, PSNR and NIQE (of the whole image). Codecs that missed the target are left out."""
+    from .figures import comparison_picture
+
+    original = load_image(image)
+    top, left = texture_window(original)
+    size = min(PANEL_CROP, original.shape[1], original.shape[2])
+
+    def crop(img: torch.Tensor) -> torch.Tensor:
+        c = img[:, top:top + size, left:left + size]
+        return c.repeat_interleave(PANEL_ZOOM, 1).repeat_interleave(PANEL_ZOOM, 2)
+
+    written = []
+    niqe_original = METRICS["niqe"](original, original) if "niqe" in METRICS else math.nan
+    for bpp in ev.bpps:
+        tiles = []
+        for codec in PANEL_CODECS:
+            row = next((r for r in rows if r["codec"] == codec and r["target_bpp"] == bpp and "note" not in r), None)
+            path = ev.image_path(image, codec, bpp)
+            if row is None or not path.is_file():
+                continue
+            label = (f"{codec}\n{row['bpp']:.4f} bpp, PSNR {_label(row.get('psnr'), '{:.2f} dB')}\n"
+                     f"NIQE {_label(row.get('niqe'), '{:.2f}')}")
+            tiles.append((label, crop(load_image(path))))
+        if not tiles:
+            continue
+        sheet = comparison_picture(crop(original), tiles, original_label=(
+            f"original ({image.name})\ncrop {size}x{size} at ({left}, {top}), x{PANEL_ZOOM}\n"
+            f"NIQE {_label(niqe_original, '{:.2f}')}"))
+        written.append(save_image_atomic(ev.out / "panels" / f"{image.stem}@{bpp:g}.png", sheet, force=True))
+    return written
+
+
+def _label(value, pattern: str) -> str:
+    return "n/a" if not isinstance(value, (int, float)) or math.isnan(value) else pattern.format(value)
 
 
 def _point(ev: Evaluation, image: Path, original: torch.Tensor, codec: str, bpp: float, model, measures) -> dict:
@@ -120,8 +177,8 @@ def _point(ev: Evaluation, image: Path, original: torch.Tensor, codec: str, bpp:
         rec, n_bytes = res.image, len(res.data)
     row.update(bpp=bits_per_pixel(n_bytes, w, h), bytes=n_bytes, seconds=round(time.perf_counter() - t0, 3))
     row.update(_measure(original, rec, measures))
-    if ev.save_images:
-        save_image_atomic(ev.out / "images" / image.stem / f"{codec}@{bpp:g}.png", rec, force=True)
+    if ev.save_images or codec in PANEL_CODECS:
+        save_image_atomic(ev.image_path(image, codec, bpp), rec, force=True)
     return row
 
 

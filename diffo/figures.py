@@ -38,6 +38,39 @@ def comparison_picture(original: torch.Tensor, recons: Sequence[tuple[str, torch
     return sheet
 
 
+def strength_plot(rows: list[dict], title: str = "") -> Image.Image:
+    """PSNR (left axis) and NIQE (right axis, lower is more natural) against the decode noise strength, from
+    `sweep.strength_sweep` rows; the no-denoise ablation as dashed lines, the stream's default as a marker."""
+    matplotlib = require("matplotlib", "Strength plots")
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    swept = sorted((r for r in rows if r["strength"] is not None and not r.get("default")),
+                   key=lambda r: r["strength"])
+    ablation = next(r for r in rows if r["strength"] is None)
+    default = next((r for r in rows if r.get("default")), None)
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    ax2 = ax.twinx()
+    for axis, key, color, label in ((ax, "psnr", "C0", "PSNR dB"), (ax2, "niqe", "C3", "NIQE (lower: more natural)")):
+        axis.plot([r["strength"] for r in swept], [r[key] for r in swept], marker="o", color=color, label=label)
+        axis.axhline(ablation[key], color=color, linestyle="--", linewidth=1, label=f"{key.upper()} without the step")
+        if default is not None:
+            axis.plot([default["strength"]], [default[key]], marker="*", markersize=14, color=color,
+                      linestyle="none", label=f"stream default ({default['strength']:.2f})")
+        axis.set_ylabel(label, color=color)
+    ax.set_xlabel("decode noise strength (0 = none, 1 = pure noise)")
+    ax.set_title(title or "decode-time trade: fidelity against naturalness")
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels(), ax2.get_legend_handles_labels()
+    ax.legend(handles[0][0] + handles[1][0], handles[0][1] + handles[1][1], fontsize=7, loc="lower left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
 def rd_plot(series: dict[str, list[tuple[float, float]]], metric: str, title: str = "",
             higher_is_better: bool = True, partial: dict[str, list[tuple[float, float]]] | None = None) -> Image.Image:
     """One rate-distortion curve per codec: `series[codec] = [(bpp, value), …]` → a PNG-ready PIL image.

@@ -28,7 +28,6 @@ import torch
 from PIL import Image
 
 from . import child, pipeline
-from .entropy import coder_for_format
 from .image import load_image, to_uint8
 
 THREADS = (1, 2)
@@ -131,11 +130,7 @@ def _sample_stream(model) -> bytes:
 
 def _symbols(model, data: bytes) -> dict:
     """Hashes of the entropy-decoded base indices and residual symbols (ŷ) of `data`."""
-    bs = pipeline.read_header(data)
-    shape = pipeline.padded_latent_shape(model, bs.height, bs.width)
-    idx, _, y_hat = model.latent_codec.decode_symbols([bs.streams], shape, bs.rate_q,
-                                                      pipeline.latent_valid(bs.height, bs.width),
-                                                      coder_for_format(bs.format_version))
+    idx, y_hat = pipeline.decode_symbols(model, data)
     return {"indices": _h(idx), "y_hat": _h(y_hat)}
 
 

@@ -1,8 +1,9 @@
 """Image quality metrics, computed the same way everywhere (nodes, eval, demo).
 
 All take two images [3, H, W] (or [B, 3, H, W]) in [0, 1], round them to 8 bits first (what a user sees
-in a PNG), and return a float. NIQE is no-reference: it scores the second image alone (lower is more natural). A metric that is undefined for the input (MS-SSIM on an image smaller than
-its five scales need) returns NaN, never a made-up value: callers print it as "n/a".
+in a PNG), and return a float; NIQE is no-reference and scores the second image alone (lower is more
+natural). A metric that is undefined for the input (MS-SSIM on an image smaller than its five scales need)
+returns NaN, never a made-up value: callers print it as "n/a".
 """
 
 from __future__ import annotations

@@ -197,6 +197,17 @@ def entropy_decode(model: DiffoCodec, data: bytes | Bitstream,
     return bs, c_hat
 
 
+@torch.no_grad()
+def decode_symbols(model: DiffoCodec, data: bytes) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The entropy-decoded base indices and residual ŷ (None at rate level 0) of a stream, with the coder of its
+    format: what is identical on every machine (the determinism checks hash these)."""
+    bs = read_header(data)
+    shape = padded_latent_shape(model, bs.height, bs.width)
+    idx, _, y_hat = model.latent_codec.decode_symbols([bs.streams], shape, bs.rate_q, latent_valid(bs.height, bs.width),
+                                                      coder_for_format(bs.format_version))
+    return idx, y_hat
+
+
 def decoder_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """The decoder's noise [1, C, h, w]: drawn on the CPU from the header's seed, the same on every device."""
     return torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(seed)))

@@ -1,7 +1,7 @@
-"""Rate sweep of one image: DiffO at several rate levels, classical codecs at the sizes DiffO reached.
-
-`rate_sweep` returns one row per codec and point (bytes, bpp, metrics); `markdown_table` and `rd_plot`
-(figures.py) turn the rows into what people read.
+"""Sweeps of one image. `rate_sweep`: DiffO at several rate levels, classical codecs at the sizes DiffO
+reached; `strength_sweep`: one stream decoded at several noise strengths (the decode-time trade between
+realism and fidelity). Rows of figures; `markdown_table`, `rd_plot` and `strength_plot` (figures.py) turn them
+into what people read.
 """
 
 from __future__ import annotations
@@ -57,6 +57,25 @@ def rate_sweep(model: DiffoCodec, image: torch.Tensor, rates: Sequence[float], c
                              **quality(image, res.image, metrics)})
             if step:
                 step()
+    return rows
+
+
+def strength_sweep(model: DiffoCodec, image: torch.Tensor, strengths: Sequence[float], *, bpp: float = 0.05,
+                   seed: int = 0, metrics: Sequence[str] = ("psnr", "niqe"), step: Step | None = None) -> list[dict]:
+    """Rows {strength, bytes, bpp, <metrics>}: the same stream (nearest to `bpp`) decoded with each noise
+    strength (0 = no added noise; the diffusion step still runs), plus a row `strength: None` for the
+    no-denoise ablation and one marked `default` for the strength the stream carries."""
+    h, w = image.shape[-2:]
+    data = pipeline.encode(model, image, bpp=bpp, seed=seed)
+    size = {"bytes": len(data), "bpp": bits_per_pixel(len(data), w, h)}
+    rows = [{"strength": None, **size, **quality(image, pipeline.decode(model, data, denoise=False), metrics)}]
+    default = pipeline.read_header(data).strength
+    for s in [*strengths, default]:
+        rows.append({"strength": float(s), **size, **quality(image, pipeline.decode(model, data, strength=s),
+                                                              metrics)})
+        if step:
+            step()
+    rows[-1]["default"] = True
     return rows
 
 

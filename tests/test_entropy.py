@@ -106,9 +106,9 @@ def test_both_coders_agree_on_symbols(compressai_em):
 def test_run_time_models_hold_compressai_state_with_the_same_initial_values(compressai_em):
     from diffo.entropy import models as rt
 
+    table = rt.gaussian_conditional().scale_table.tolist()
     for make_rt, make_ca in ((lambda: rt.EntropyBottleneck(8), lambda: compressai_em.EntropyBottleneck(8)),
-                             (lambda: rt.gaussian_conditional(),
-                              lambda: compressai_em.GaussianConditional(rt.gaussian_conditional().scale_table.tolist()))):
+                             (rt.gaussian_conditional, lambda: compressai_em.GaussianConditional(table))):
         torch.manual_seed(5)
         a = make_rt().state_dict()
         torch.manual_seed(5)

@@ -186,3 +186,26 @@ def test_sizes_part_encodes_and_decodes_odd_sizes_to_their_own_size(model_dir):
     for bad in ("12", "0x5", "axb"):
         with pytest.raises(ValueError, match="--shapes"):
             bench.parse_shapes(bad)
+
+
+def test_eval_writes_a_crop_panel_per_image_and_target(tmp_path, model_dir, monkeypatch):
+    """Original | DiffO | no-denoise (| AVIF | VVC where reached) on the same zoomed crop, labelled."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-hub"))
+    images = evaluation.list_images(_images(tmp_path / "imgs", n=1, h=96, w=160))
+    ev = evaluation.Evaluation(images=images, bpps=[2.0], codecs=["diffo", "diffo-nodenoise"],
+                               out=tmp_path / "out", model_source=str(model_dir), metrics=["psnr", "niqe"])
+    evaluation.run(ev)
+    panel = tmp_path / "out" / "panels" / "im0@2.png"
+    with Image.open(panel) as im:
+        w, h = im.size
+    crop = min(evaluation.PANEL_CROP, 96) * evaluation.PANEL_ZOOM
+    assert w == 3 * crop and h > crop  # original + the two DiffO decodes, a label band above
+    again = evaluation.write_panels(ev, images[0], evaluation.evaluate_image(ev, images[0], None, {}))
+    assert again == [panel]  # rebuilt from the cached points and reconstructions, no model needed
+
+
+def test_texture_window_finds_the_detailed_region():
+    img = torch.full((3, 200, 300), 0.5)
+    img[:, 120:180, 200:260] = torch.rand(3, 60, 60, generator=torch.Generator().manual_seed(0))
+    top, left = evaluation.texture_window(img, 64)
+    assert 100 <= top <= 136 and 180 <= left <= 236

@@ -97,3 +97,29 @@ def test_comparison_picture_labels_and_size_check():
     assert sheet.width == 120 and sheet.height > 40
     with pytest.raises(ValueError, match="is 30x20, the original 60x40"):
         comparison_picture(a, [("small", a[:, :20, :30])])
+
+
+def test_strength_sweep_decodes_one_stream_at_each_strength(tiny_model, photo):
+    from diffo import pipeline
+    from diffo.figures import strength_plot
+    from diffo.sweep import strength_sweep
+
+    img = photo[:, :192, :256]
+    rows = strength_sweep(tiny_model, img, [0.0, 0.5, 1.0], bpp=0.5, seed=3)
+    assert [r["strength"] for r in rows[:4]] == [None, 0.0, 0.5, 1.0] and rows[-1]["default"]
+    assert len({r["bytes"] for r in rows}) == 1  # one stream
+    data = pipeline.encode(tiny_model, img, bpp=0.5, seed=3)
+    assert rows[3]["psnr"] == metrics.psnr(img, pipeline.decode(tiny_model, data, strength=1.0))
+    assert rows[1]["psnr"] != rows[3]["psnr"]  # the strength reaches the decoder (the tiny model's UNet is random)
+    assert all(math.isfinite(r["niqe"]) for r in rows)
+    assert strength_plot(rows).size == (640, 420)
+
+
+def test_strength_command_refuses_bad_strengths_and_existing_output(tmp_path, capsys):
+    from diffo.cli import main
+
+    assert main(["strength", "--out", str(tmp_path), "--strengths", "0,1.5"]) == 2
+    assert "every strength must be in [0, 1]" in capsys.readouterr().err
+    (tmp_path / "strength_sweep.png").write_bytes(b"x")
+    assert main(["strength", "--out", str(tmp_path)]) == 2
+    assert "already holds a strength sweep" in capsys.readouterr().err

@@ -61,13 +61,8 @@ def sha256(t: torch.Tensor | bytes) -> str:
 def decoded_symbols(model, data: bytes) -> dict:
     """SHA-256 of the entropy-decoded base indices and residual ŷ of a stream (exact on every machine)."""
     from diffo import pipeline
-    from diffo.entropy import coder_for_format
 
-    bs = pipeline.read_header(data)
-    shape = pipeline.padded_latent_shape(model, bs.height, bs.width)
-    idx, _, y_hat = model.latent_codec.decode_symbols([bs.streams], shape, bs.rate_q,
-                                                      pipeline.latent_valid(bs.height, bs.width),
-                                                      coder_for_format(bs.format_version))
+    idx, y_hat = pipeline.decode_symbols(model, data)
     return {"indices_sha256": sha256(idx), "y_hat_sha256": sha256(y_hat)}
 
 
