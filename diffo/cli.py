@@ -25,16 +25,30 @@ def _model(args):
     return load_model(getattr(args, "model", None))
 
 
+EXIT_SOME_FAILED = 1  # a collection finished, but some files failed (each is named in the summary)
+
+
 def cmd_compress(args) -> int:
+    from .collection import is_batch
+
+    if is_batch(args.input, args.output):
+        return _collection(args, "compress")
+    src = Path(args.input[0])
+    out = Path(args.output) if args.output else src.with_suffix(".diffo")
+    if out.exists() and not args.force:  # fail before the (slow) imports and encode
+        raise DiffoError(f"{out} exists; pass --force to overwrite it")
+    if not src.exists():
+        raise FileNotFoundError(f"image not found: {src}")
+    from .collection import check_image
+
+    problem = check_image(src)  # from the header alone, before torch is even imported
+    if problem:
+        raise DiffoError(f"{src}: {problem}")
     from . import pipeline
     from .bitstream import bits_per_pixel
     from .fileio import write_atomic
     from .image import load_image
 
-    src = Path(args.input)
-    out = Path(args.output) if args.output else src.with_suffix(".diffo")
-    if out.exists() and not args.force:  # fail before the (slow) encode
-        raise DiffoError(f"{out} exists; pass --force to overwrite it")
     image = load_image(src, drop_alpha=args.drop_alpha)  # a bad image fails before the model loads
     data = pipeline.encode(_model(args), image, rate=args.rate, bpp=args.bpp, max_bytes=args.max_bytes,
                            seed=args.seed, strength=args.strength)
@@ -46,21 +60,59 @@ def cmd_compress(args) -> int:
 
 
 def cmd_decompress(args) -> int:
-    from . import pipeline
-    from .fileio import save_image_atomic
+    from .bitstream import Bitstream
+    from .collection import is_batch
 
-    src = Path(args.input)
+    if is_batch(args.input, args.output):
+        return _collection(args, "decompress")
+    src = Path(args.input[0])
     # Not INPUT.png: in a round trip that is the original photo, which must never be the default target.
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}_diffo.png")
     if out.exists() and not args.force:
         raise DiffoError(f"{out} exists; pass --force to overwrite it")
     data = _read_stream(src)
-    pipeline.read_header(data)  # a damaged file fails before the model loads
+    Bitstream.from_bytes(data)  # a damaged file fails before torch is imported and the model loads
+    from . import pipeline
+    from .fileio import save_image_atomic
+
     img = pipeline.decode(_model(args), data, strength=args.strength, seed=args.seed, fast=args.fast,
                           max_pixels=args.max_pixels)
     save_image_atomic(out, img, force=args.force)
     print(f"{out}: {img.shape[2]}x{img.shape[1]} PNG")
     return 0
+
+
+def _collection(args, kind: str) -> int:
+    """Folders, globs or several files: the collection path (diffo/collection.py)."""
+    from . import collection
+
+    if not args.output:
+        raise DiffoError(f"{kind} of several files or a folder needs -o OUTPUT_FOLDER")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise DiffoError(f"{out} is a file; -o must be a folder when {kind}ing a collection")
+    rank, world = collection.parse_shard(args.shard)
+    suffixes, suffix = ((collection.IMAGE_SUFFIXES, ".diffo") if kind == "compress"
+                        else (collection.STREAM_SUFFIXES, ".png"))
+    found, missing = collection.gather(args.input, suffixes)
+    jobs = missing + collection.shard(collection.plan(found, out, suffix), rank, world)
+    if not jobs:
+        raise DiffoError(f"no {'images' if kind == 'compress' else '.diffo files'} in {', '.join(args.input)}")
+    device = args.device
+    shard_note = f" (shard {rank}/{world})" if world > 1 else ""
+    print(f"diffo: {kind} {len(jobs)} files into {out}{shard_note}", file=sys.stderr)
+    if kind == "compress":
+        summary = collection.compress(jobs, args.model, out, shard_of=(rank, world), device=device,
+                                      drop_alpha=args.drop_alpha,
+                                      encode_kwargs=dict(rate=args.rate, bpp=args.bpp, max_bytes=args.max_bytes,
+                                                         seed=args.seed, strength=args.strength))
+    else:
+        summary = collection.decompress(jobs, args.model, out, shard_of=(rank, world), device=device,
+                                        decode_kwargs=dict(strength=args.strength, seed=args.seed, fast=args.fast,
+                                                           max_pixels=args.max_pixels))
+    print(summary.text())
+    print(f"manifest: {collection.manifest_path(out, rank, world)}")
+    return EXIT_SOME_FAILED if summary.failed else 0
 
 
 def _read_stream(src: Path) -> bytes:
@@ -216,6 +268,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _collection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard", default=None, metavar="RANK/WORLD",
+                   help="collections: take every WORLD-th file from RANK (default: RANK / WORLD_SIZE from torchrun "
+                        "or accelerate launch, else all)")
+    p.add_argument("--device", default="auto", help="collections: cpu, cuda, cuda:N, or auto (the GPU of "
+                   "LOCAL_RANK when there is one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffo", description="DiffO: ultra-low-bitrate image compression, "
                                 "decoded by one diffusion step.")
@@ -223,9 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     model_help = "model: a local folder, a Hugging Face Hub repo id, or 'default' (the embedded diffo-tiny)"
 
-    c = sub.add_parser("compress", help="image -> .diffo")
-    c.add_argument("input")
-    c.add_argument("-o", "--output", help="output .diffo (default: INPUT with .diffo suffix)")
+    batch_help = ("folders, several files or a quoted glob make it a collection: -o is then a folder that mirrors "
+                  "the input tree; done files are skipped, bad ones reported, a manifest written (exit 1 if any "
+                  "failed)")
+    c = sub.add_parser("compress", help="image -> .diffo (or a folder of images -> a folder of .diffo)")
+    c.add_argument("input", nargs="+", help="an image; or " + batch_help)
+    c.add_argument("-o", "--output", help="output .diffo (default: INPUT with .diffo suffix), or the output folder")
     c.add_argument("--model", default=None, help=model_help)
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--rate", type=float, help="rate level in [0, 1] (0 = structural base code only)")
@@ -235,11 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strength", type=float, default=None, help="override the rate->noise map (0..1)")
     c.add_argument("--drop-alpha", action="store_true", help="composite transparent images onto white")
     c.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _collection_args(c)
     c.set_defaults(func=cmd_compress)
 
-    d = sub.add_parser("decompress", help=".diffo -> PNG")
-    d.add_argument("input")
-    d.add_argument("-o", "--output", help="output image (default: NAME_diffo.png beside NAME.diffo)")
+    d = sub.add_parser("decompress", help=".diffo -> PNG (or a folder of .diffo -> a folder of PNG)")
+    d.add_argument("input", nargs="+", help="a .diffo file; or " + batch_help)
+    d.add_argument("-o", "--output", help="output image (default: NAME_diffo.png beside NAME.diffo), or the "
+                   "output folder")
     d.add_argument("--model", default=None, help=model_help)
     d.add_argument("--strength", type=float, default=None, help="override the stream's noise strength (0..1)")
     d.add_argument("--seed", type=int, default=None, help="override the stream's noise seed")
@@ -248,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-pixels", type=int, default=None, help="refuse streams that claim a larger image "
                    "(a budget for decoding untrusted files: time and memory grow with the claimed size)")
     d.add_argument("--force", action="store_true", help="overwrite an existing output")
+    _collection_args(d)
     d.set_defaults(func=cmd_decompress)
 
     i = sub.add_parser("info", help="print a .diffo header")
