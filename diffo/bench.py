@@ -6,6 +6,9 @@ warm-up run; ratios are measured in the same run. JSON out.
     coders      the entropy coders of format 2 (constriction) and format 1 (CompressAI rANS) on the same
                 symbols of the 768x512 photo at several rate levels: bytes per sub-stream, encode and decode time
     compressai  our decode vs CompressAI's MeanScaleHyperprior (random weights) on the same image
+    collection  a folder compressed by one `diffo compress DIR -o OUT` against a loop of single-file commands
+                (images/s and peak memory, side by side; the outputs must be the same bytes); `--images DIR`
+                (e.g. Kodak-24), else 8 crops of the sample photo
     scaling     encode and decode time per megapixel from 0.25 to 16 MP, and peak memory of each decode,
                 each size in a fresh process (so peaks do not mix)
     sizes       the same for the awkward and huge sizes real images have (1x1, 1xN, 7x5, 4097x2049,
@@ -17,6 +20,7 @@ warm-up run; ratios are measured in the same run. JSON out.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -32,7 +36,8 @@ from .image import load_image
 
 BENCH_SIZE = (512, 768)  # H, W: Kodak's landscape size
 SCALING_MP = (0.25, 1.0, 4.0, 16.0)
-PARTS = ("stages", "steps", "coders", "compressai", "scaling", "sd", "sizes")
+PARTS = ("stages", "steps", "coders", "compressai", "collection", "scaling", "sd", "sizes")
+COLLECTION_BPP = 0.05
 CODER_RATES = (0.0, 0.25, 0.5, 1.0)
 SHAPES = ((1, 1), (1, 300), (7, 5), (4097, 2049), (8192, 8192))  # W x H
 
@@ -207,6 +212,52 @@ def bench_compressai(model, repeats: int) -> dict:
             "diffo_vs_msh": ours / theirs, "note": "MeanScaleHyperprior N=128, M=192, random weights"}
 
 
+# ------------------------------------------------------------------------------------------------ collection
+def _timed_commands(commands: list[list[str]]) -> dict:
+    """Run CLI commands one after another in a fresh interpreter: wall seconds and the largest child's peak RSS."""
+    code = ("import json, resource, subprocess, sys, time; t0 = time.perf_counter(); "
+            f"rcs = [subprocess.run([sys.executable, '-m', 'diffo', *c], capture_output=True).returncode "
+            f"for c in {commands!r}]; "
+            "print(json.dumps({'seconds': time.perf_counter() - t0, 'returncodes': sorted(set(rcs)), "
+            "'peak_rss_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
+    return child.run_json(code)
+
+
+def bench_collection(model_source: str | None, images_dir: str | None) -> dict:
+    """One folder command against a loop of single-file commands on the same images, in fresh processes."""
+    import tempfile
+    from pathlib import Path
+
+    from .collection import IMAGE_SUFFIXES
+    from .fileio import save_image_atomic
+
+    model = ["--model", model_source] if model_source else []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if images_dir is None:
+            src = tmp / "photos"
+            h, w = BENCH_SIZE
+            photo = bench_image(h * 2, w * 2)
+            for i in range(8):  # 8 different 768x512 crops of the sample photo at twice the size
+                top, left = (i // 4) * (h // 2), (i % 4) * (w // 4)
+                save_image_atomic(src / f"crop{i}.png", photo[:, top:top + h, left:left + w])
+        else:
+            src = Path(images_dir)
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        loop = _timed_commands([[ "compress", str(f), "-o", str(tmp / "loop" / f"{f.stem}.diffo"), "--bpp",
+                                  str(COLLECTION_BPP), *model] for f in files])
+        folder = _timed_commands([["compress", str(src), "-o", str(tmp / "folder"), "--bpp", str(COLLECTION_BPP),
+                                   *model]])
+        same = all((tmp / "loop" / f"{f.stem}.diffo").read_bytes() == (tmp / "folder" / f"{f.stem}.diffo").read_bytes()
+                   for f in files)
+    n = len(files)
+    return {"images": n, "source": images_dir or "8 crops (768x512) of the sample photo", "bpp": COLLECTION_BPP,
+            "loop_of_single_commands": {**loop, "images_per_s": n / loop["seconds"]} if "error" not in loop else loop,
+            "folder_command": {**folder, "images_per_s": n / folder["seconds"]} if "error" not in folder else folder,
+            "speedup": loop.get("seconds", math.nan) / folder.get("seconds", math.nan),
+            "same_bytes": same}
+
+
 # ------------------------------------------------------------------------------------------------ scaling
 def _mp_shape(mp: float) -> tuple[int, int]:
     """(W, H) of a 3:2 landscape of `mp` megapixels, multiples of 8; 16 MP is 4096x4096."""
@@ -300,13 +351,14 @@ def environment() -> dict:
 
 
 def run(parts: list[str], repeats: int, sizes_mp, model_source: str | None, force_sd: bool,
-        shapes=SHAPES) -> dict:
+        shapes=SHAPES, images: str | None = None) -> dict:
     from .hub import load_model
 
     model = load_model(model_source)
     result = {"model": model.config.name, "fingerprint": model.fingerprint.hex(), "environment": environment()}
     steps = {"stages": lambda: bench_stages(model, repeats), "steps": lambda: bench_steps(model, repeats),
              "coders": lambda: bench_coders(model, repeats), "compressai": lambda: bench_compressai(model, repeats),
+             "collection": lambda: bench_collection(model_source, images),
              "scaling": lambda: bench_scaling([_mp_shape(mp) for mp in sizes_mp], model_source),
              "sizes": lambda: bench_scaling(shapes, model_source, "sizes"), "sd": lambda: bench_sd(repeats, force_sd)}
     for part in parts:

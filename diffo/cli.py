@@ -189,10 +189,18 @@ def cmd_eval(args) -> int:
     if out.exists() and any(out.iterdir()) and not (out / "points").is_dir():
         raise DiffoError(f"{out} holds other files; give an empty or new folder (a folder from an earlier "
                          "eval is resumed)")
+    from .collection import parse_shard, shard
+
+    rank, world = parse_shard(args.shard)
     images = evaluation.list_images(Path(args.images))[: args.limit or None]
-    ev = evaluation.Evaluation(images=images, bpps=parse_floats(args.bpp, "--bpp"),
+    ev = evaluation.Evaluation(images=shard(images, rank, world), bpps=parse_floats(args.bpp, "--bpp"),
                                codecs=evaluation.parse_codecs(args.codecs), out=out, model_source=args.model,
                                save_images=args.save_images)
+    if world > 1:  # a worker of a large evaluation: its points go to the shared cache, the summary comes later
+        evaluation.run(ev, write=False)
+        print(f"shard {rank}/{world}: {len(ev.images)} images evaluated into {out}/points; run eval again without "
+              "--shard (and without torchrun) to write the summary from the cached points")
+        return 0
     evaluation.run(ev)
     print((out / "summary.md").read_text())
     print(f"wrote {out}/results.csv, summary.md and rd_*.png")
@@ -225,7 +233,7 @@ def cmd_bench(args) -> int:
         raise ValueError(f"unknown bench part(s) {sorted(unknown)}; known: {', '.join(bench.PARTS)}")
     _refuse_existing_out(args)
     _report_json(args, bench.run(parts, args.repeats, parse_floats(args.sizes, "--sizes"), args.model, args.sd,
-                                 bench.parse_shapes(args.shapes) if args.shapes else bench.SHAPES))
+                                 bench.parse_shapes(args.shapes) if args.shapes else bench.SHAPES, args.images))
     return 0
 
 
@@ -355,15 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", default=None, help=model_help)
     v.add_argument("--limit", type=int, default=0, help="only the first N images (quick runs)")
     v.add_argument("--save-images", action="store_true", help="also save every reconstruction as PNG")
+    v.add_argument("--shard", default=None, metavar="RANK/WORLD",
+                   help="evaluate every WORLD-th image from RANK into the shared cache (default: RANK / WORLD_SIZE "
+                        "from torchrun or accelerate launch); a final run without it writes the summary")
     v.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="speed and memory: stages, 1 vs 50 steps, CompressAI, MP scaling, SD size")
     b.add_argument("--out", default=None, help="also write the JSON to this file")
-    b.add_argument("--parts", default="stages,steps,coders,compressai,scaling,sd",
+    b.add_argument("--parts", default="stages,steps,coders,compressai,collection,scaling,sd",
                    help="which measurements (also: sizes, the odd and huge image sizes of --shapes)")
     b.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median; after one warm-up)")
     b.add_argument("--sizes", default="0.25,1,4,16", help="megapixels for the scaling part (16 = 4096x4096)")
     b.add_argument("--model", default=None, help=model_help)
+    b.add_argument("--images", default=None, help="folder of images for the collection part (e.g. Kodak-24)")
     b.add_argument("--shapes", default=None,
                    help="WIDTHxHEIGHT list for the sizes part (default: from 1x1 up to 8192x8192)")
     b.add_argument("--sd", action="store_true", help="time the SD 2.1-size configuration even without a GPU")

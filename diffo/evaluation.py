@@ -182,7 +182,9 @@ def _point(ev: Evaluation, image: Path, original: torch.Tensor, codec: str, bpp:
     return row
 
 
-def run(ev: Evaluation) -> list[dict]:
+def run(ev: Evaluation, write: bool = True) -> list[dict]:
+    """Every point of every image (cached per point, so a run resumes, and sharded workers share one cache);
+    with `write`, the CSV, summary and plots of them."""
     from tqdm import tqdm
 
     from .hub import load_model
@@ -205,7 +207,8 @@ def run(ev: Evaluation) -> list[dict]:
         for image in ev.images:
             bar.set_postfix_str(image.name)
             rows += evaluate_image(ev, image, model, measures, bar.update)
-    write_outputs(ev, rows)
+    if write:
+        write_outputs(ev, rows)
     return rows
 
 

@@ -23,7 +23,7 @@ def _tables(rng: np.random.Generator, n_tables: int = 3) -> CdfTables:
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 300), spread=st.sampled_from([1, 10, 1000, 2**40]))
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 300), spread=st.sampled_from([1, 10, 1000, 2**60]))
 def test_range_coder_round_trip(seed, n, spread):
     """Any symbols (in range, escaped below or above, huge) with any table indexes come back exactly."""
     rng = np.random.default_rng(seed)
@@ -76,6 +76,8 @@ def test_invalid_tables_and_indexes_are_refused():
     tables = _tables(rng)
     with pytest.raises(ValueError, match="index out of range"):
         RangeCoder().encode(np.array([0]), np.array([tables.num_tables]), tables)
+    with pytest.raises(ValueError, match="out of the coder's range"):
+        RangeCoder().encode(np.array([2**62]), np.array([0]), tables)
     with pytest.raises(ValueError, match="were the entropy tables built"):
         CdfTables.from_buffers(torch.IntTensor(), torch.IntTensor(), torch.IntTensor())
 

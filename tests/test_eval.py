@@ -209,3 +209,22 @@ def test_texture_window_finds_the_detailed_region():
     img[:, 120:180, 200:260] = torch.rand(3, 60, 60, generator=torch.Generator().manual_seed(0))
     top, left = evaluation.texture_window(img, 64)
     assert 100 <= top <= 136 and 180 <= left <= 236
+
+
+def test_eval_shards_share_one_cache_and_the_final_run_writes_the_summary(tmp_path, model_dir, monkeypatch,
+                                                                         capsys):
+    from diffo.cli import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-torch-hub"))
+    folder = _images(tmp_path / "imgs", n=3)
+    out = tmp_path / "run"
+    common = ["eval", "--images", str(folder), "--out", str(out), "--bpp", "1.0", "--codecs", "diffo,jpeg2000",
+              "--model", str(model_dir)]
+    for shard in ("0/2", "1/2"):
+        assert main([*common, "--shard", shard]) == 0
+        assert not (out / "summary.md").exists()
+    assert sorted(p.name for p in (out / "points").iterdir()) == ["im0", "im1", "im2"]
+    cached = {p: p.read_bytes() for p in (out / "points").rglob("*.json")}
+    assert main(common) == 0  # everything from the cache: nothing recomputed
+    assert {p: p.read_bytes() for p in (out / "points").rglob("*.json")} == cached
+    assert "| diffo | 1 | 3/3 |" in (out / "summary.md").read_text()

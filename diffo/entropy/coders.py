@@ -117,6 +117,8 @@ class RangeCoder(SymbolCoder):
             raise ValueError(f"{sym.size} symbols but {idx.size} table indexes")
         if sym.size == 0:
             return b""
+        if np.abs(sym).max() >= 1 << 61:  # the escape mapping doubles values inside int64
+            raise ValueError("a symbol is out of the coder's range (|s| < 2^61)")
         escape = tables.lengths[idx] - 2
         value = sym - tables.offsets[idx]
         escaped = (value < 0) | (value >= escape)
