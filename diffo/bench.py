@@ -215,11 +215,14 @@ def bench_compressai(model, repeats: int) -> dict:
 # ------------------------------------------------------------------------------------------------ collection
 def _timed_commands(commands: list[list[str]]) -> dict:
     """Run CLI commands one after another in a fresh interpreter: wall seconds and the largest child's peak RSS."""
-    code = ("import json, resource, subprocess, sys, time; t0 = time.perf_counter(); "
+    # ru_maxrss: KiB on Linux, bytes on macOS; no `resource` module on Windows (then no memory figure)
+    code = ("import json, subprocess, sys, time; t0 = time.perf_counter(); "
             f"rcs = [subprocess.run([sys.executable, '-m', 'diffo', *c], capture_output=True).returncode "
-            f"for c in {commands!r}]; "
-            "print(json.dumps({'seconds': time.perf_counter() - t0, 'returncodes': sorted(set(rcs)), "
-            "'peak_rss_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
+            f"for c in {commands!r}]; seconds = time.perf_counter() - t0\n"
+            "try:\n import resource; peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+            " peak = peak / 2**20 if sys.platform == 'darwin' else peak / 1024\n"
+            "except ImportError:\n peak = None\n"
+            "print(json.dumps({'seconds': seconds, 'returncodes': sorted(set(rcs)), 'peak_rss_mib': peak}))")
     return child.run_json(code)
 
 
@@ -243,13 +246,15 @@ def bench_collection(model_source: str | None, images_dir: str | None) -> dict:
                 save_image_atomic(src / f"crop{i}.png", photo[:, top:top + h, left:left + w])
         else:
             src = Path(images_dir)
-        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            return {"skipped": f"no images directly in {src}"}
         loop = _timed_commands([[ "compress", str(f), "-o", str(tmp / "loop" / f"{f.stem}.diffo"), "--bpp",
                                   str(COLLECTION_BPP), *model] for f in files])
         folder = _timed_commands([["compress", str(src), "-o", str(tmp / "folder"), "--bpp", str(COLLECTION_BPP),
                                    *model]])
-        same = all((tmp / "loop" / f"{f.stem}.diffo").read_bytes() == (tmp / "folder" / f"{f.stem}.diffo").read_bytes()
-                   for f in files)
+        outputs = [(tmp / "loop" / f"{f.stem}.diffo", tmp / "folder" / f"{f.stem}.diffo") for f in files]
+        same = all(a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes() for a, b in outputs)
     n = len(files)
     return {"images": n, "source": images_dir or "8 crops (768x512) of the sample photo", "bpp": COLLECTION_BPP,
             "loop_of_single_commands": {**loop, "images_per_s": n / loop["seconds"]} if "error" not in loop else loop,
@@ -325,9 +330,14 @@ def bench_sd(repeats: int, force: bool) -> dict:
         return {"skipped": "no GPU (run with --sd to time it on this device anyway)"}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    from .errors import MissingExtraError
+
     torch.manual_seed(0)
     model = DiffoCodec.sd21_sized().eval().requires_grad_(False)
-    model.update()
+    try:
+        model.update()  # a random model's entropy tables: CompressAI builds them
+    except MissingExtraError as e:
+        return {"skipped": str(e)}
     torch.nn.Module.to(model, device=device, dtype=dtype)
     model.latent_codec.to(torch.float32)
     h, w = BENCH_SIZE

@@ -91,23 +91,27 @@ def _collection(args, kind: str) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise DiffoError(f"{out} is a file; -o must be a folder when {kind}ing a collection")
+    for item in args.input:  # restored PNGs must never land on (and be taken for) the user's originals
+        if Path(item).is_dir() and Path(item).resolve() in (out.resolve(), *out.resolve().parents):
+            raise DiffoError(f"-o {out} is inside the input folder {item}: write the {kind}ed tree elsewhere")
     rank, world = collection.parse_shard(args.shard)
     suffixes, suffix = ((collection.IMAGE_SUFFIXES, ".diffo") if kind == "compress"
                         else (collection.STREAM_SUFFIXES, ".png"))
     found, missing = collection.gather(args.input, suffixes)
-    jobs = missing + collection.shard(collection.plan(found, out, suffix), rank, world)
-    if not jobs:
+    if not found and not missing:
         raise DiffoError(f"no {'images' if kind == 'compress' else '.diffo files'} in {', '.join(args.input)}")
+    # missing inputs are reported once, by shard 0; a shard may get no file at all (more workers than files)
+    jobs = (missing if rank == 0 else []) + collection.shard(collection.plan(found, out, suffix), rank, world)
     device = args.device
     shard_note = f" (shard {rank}/{world})" if world > 1 else ""
     print(f"diffo: {kind} {len(jobs)} files into {out}{shard_note}", file=sys.stderr)
     if kind == "compress":
         summary = collection.compress(jobs, args.model, out, shard_of=(rank, world), device=device,
-                                      drop_alpha=args.drop_alpha,
+                                      drop_alpha=args.drop_alpha, redo=args.force,
                                       encode_kwargs=dict(rate=args.rate, bpp=args.bpp, max_bytes=args.max_bytes,
                                                          seed=args.seed, strength=args.strength))
     else:
-        summary = collection.decompress(jobs, args.model, out, shard_of=(rank, world), device=device,
+        summary = collection.decompress(jobs, args.model, out, shard_of=(rank, world), device=device, redo=args.force,
                                         decode_kwargs=dict(strength=args.strength, seed=args.seed, fast=args.fast,
                                                            max_pixels=args.max_pixels))
     print(summary.text())
@@ -186,7 +190,7 @@ def cmd_eval(args) -> int:
     from .sweep import parse_floats
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (out / "points").is_dir():
+    if out.exists() and not any((out / d).is_dir() for d in ("points", "images", "panels")) and any(out.iterdir()):
         raise DiffoError(f"{out} holds other files; give an empty or new folder (a folder from an earlier "
                          "eval is resumed)")
     from .collection import parse_shard, shard
@@ -305,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="seed of the decoder noise stored in the stream")
     c.add_argument("--strength", type=float, default=None, help="override the rate->noise map (0..1)")
     c.add_argument("--drop-alpha", action="store_true", help="composite transparent images onto white")
-    c.add_argument("--force", action="store_true", help="overwrite an existing output")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output (collections: redo every file)")
     _collection_args(c)
     c.set_defaults(func=cmd_compress)
 
@@ -320,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "in the last bit between thread counts")
     d.add_argument("--max-pixels", type=int, default=None, help="refuse streams that claim a larger image "
                    "(a budget for decoding untrusted files: time and memory grow with the claimed size)")
-    d.add_argument("--force", action="store_true", help="overwrite an existing output")
+    d.add_argument("--force", action="store_true", help="overwrite an existing output (collections: redo every file)")
     _collection_args(d)
     d.set_defaults(func=cmd_decompress)
 

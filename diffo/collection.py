@@ -162,6 +162,8 @@ def check_image(path: Path) -> str | None:
     try:
         with Image.open(path) as img:
             w, h = img.size
+    except Image.DecompressionBombError as e:
+        return f"image too large: {e}"
     except (UnidentifiedImageError, OSError, ValueError) as e:
         return f"not an image (or an unsupported format): {e}"
     if w < 1 or h < 1:
@@ -227,9 +229,10 @@ def _finish(job: Job, manifest: Manifest, bar, report: Callable[[Job], None] | N
 
 
 def compress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shard_of: tuple[int, int] = (0, 1),
-             encode_kwargs: dict, drop_alpha: bool = False, device: str = "auto",
+             encode_kwargs: dict, drop_alpha: bool = False, device: str = "auto", redo: bool = False,
              report: Callable[[Job], None] | None = None) -> Summary:
-    """Compress every job's image to its `.diffo` output (see the module docstring)."""
+    """Compress every job's image to its `.diffo` output (see the module docstring). Resuming compares the
+    model, not the settings: `redo` (the CLI's --force) recompresses everything, e.g. at another bpp."""
     manifest = Manifest(manifest_path(out_dir, *shard_of))
     precheck(jobs, "compress")
     with _progress(len(jobs), "compress") as bar:
@@ -238,7 +241,7 @@ def compress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shard_
                 _finish(job, manifest, bar, report)
         todo = []
         for job in jobs:
-            if job.status == "todo" and stream_done(job.output):
+            if job.status == "todo" and not redo and stream_done(job.output):
                 job.status = "skipped"  # its fingerprint is checked below, once the model is known
             elif job.status == "todo":
                 todo.append(job)
@@ -266,20 +269,25 @@ def compress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shard_
                 t0 = time.perf_counter()
                 try:
                     image = pending.result()
-                except (DiffoError, OSError, ValueError) as e:
-                    image, job.error = None, str(e)
+                except Exception as e:  # noqa: BLE001 - one bad file never stops the batch
+                    image, job.error = None, _why(e)
                 pending = pool.submit(load, todo[i + 1]) if i + 1 < len(todo) else None
                 if image is not None:
                     try:
                         data = pipeline.encode(model, image, **encode_kwargs)
                         write_atomic(job.output, data, force=True)  # replaces only an invalid leftover
                         _describe_stream(job, pipeline.read_header(data))
-                    except (DiffoError, OSError, ValueError) as e:
-                        job.error = str(e)
+                    except Exception as e:  # noqa: BLE001 - e.g. out of memory on one huge image
+                        job.error = _why(e)
                 job.status = "failed" if job.error else "done"
                 job.seconds = round(time.perf_counter() - t0, 3)
                 _finish(job, manifest, bar, report)
     return Summary(jobs)
+
+
+def _why(e: Exception) -> str:
+    """A file's error for the summary and manifest: our own errors say it all; others get their type."""
+    return str(e) if isinstance(e, (DiffoError, OSError, ValueError)) else f"{type(e).__name__}: {e}"
 
 
 def resolve_device(device: str) -> str:
@@ -298,14 +306,15 @@ def _describe_stream(job: Job, bs: Bitstream) -> None:
 
 
 def decompress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shard_of: tuple[int, int] = (0, 1),
-               decode_kwargs: dict, device: str = "auto", report: Callable[[Job], None] | None = None) -> Summary:
-    """Decode every job's `.diffo` file to its PNG output (see the module docstring)."""
+               decode_kwargs: dict, device: str = "auto", redo: bool = False,
+               report: Callable[[Job], None] | None = None) -> Summary:
+    """Decode every job's `.diffo` file to its PNG output (see the module docstring); `redo` decodes all."""
     manifest = Manifest(manifest_path(out_dir, *shard_of))
     precheck(jobs, "decompress")
     with _progress(len(jobs), "decompress") as bar:
         todo = []
         for job in jobs:
-            if job.status == "todo" and image_done(job.output):
+            if job.status == "todo" and not redo and image_done(job.output):
                 job.status = "skipped"
             if job.status != "todo":
                 if job.status == "skipped":
@@ -322,7 +331,12 @@ def decompress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shar
         model = load_model(model_source, device=resolve_device(device))
         ready = []
         for job in todo:  # every foreign stream reported before the first decode
-            bs = read_stream(job.source)
+            try:
+                bs = read_stream(job.source)  # checked by precheck; read again: it may have changed since
+            except (OSError, BitstreamError) as e:
+                job.status, job.error = "failed", str(e)
+                _finish(job, manifest, bar, report)
+                continue
             _describe_stream(job, bs)
             if bs.fingerprint != model.fingerprint:
                 job.status, job.error = "failed", (f"made by model {bs.fingerprint.hex()}, not by the loaded "
@@ -335,8 +349,8 @@ def decompress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shar
             try:
                 img = pipeline.decode(model, job.source.read_bytes(), **decode_kwargs)
                 save_image_atomic(job.output, img, force=True)
-            except (DiffoError, OSError, ValueError) as e:
-                job.error = str(e)
+            except Exception as e:  # noqa: BLE001 - one bad file never stops the batch
+                job.error = _why(e)
             job.status = "failed" if job.error else "done"
             job.seconds = round(time.perf_counter() - t0, 3)
             _finish(job, manifest, bar, report)

@@ -25,6 +25,7 @@ import torch
 
 from . import classical, pipeline
 from .bitstream import bits_per_pixel
+from .collection import IMAGE_SUFFIXES
 from .fileio import save_image_atomic, write_atomic
 from .extras import require
 from .image import load_image
@@ -34,7 +35,6 @@ DIFFO_CODECS = ["diffo", "diffo-nodenoise"]
 ALL_CODECS = DIFFO_CODECS + list(classical.CODECS)
 DEFAULT_BPPS = (0.02, 0.05, 0.1, 0.15)
 BASE_METRICS = list(METRICS)  # psnr, ms_ssim, haarpsi, gmsd, niqe (no-reference: of the reconstruction)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
 PANEL_CODECS = ("diffo", "diffo-nodenoise", "avif", "vvc")  # realism is judged by looking: these side by side
 PANEL_CROP, PANEL_ZOOM = 128, 2  # the crop panels' region (px of the original) and nearest-neighbour zoom
 

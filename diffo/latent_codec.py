@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bitstream import FORMAT_VERSION
 from .entropy import CategoricalPrior, EntropyBottleneck, SymbolCoder, coder_for_format, gaussian_conditional
 from .layers import WEIGHT_BITS, ExactConv2d, ResBlock, conv, exact_act, to_grid, upconv
 from .vq import VectorQuantizer
 
 GAIN_LIMIT = 64.0
 MAX_RATE_Q = 65535  # rate levels travel as 16-bit integers (see bitstream.py)
-WRITE_FORMAT = 2  # the .diffo format whose entropy coder every writer uses (see bitstream.py)
+WRITE_FORMAT = FORMAT_VERSION  # the .diffo format whose entropy coder every writer uses
 
 
 def _coder(coder: SymbolCoder | None) -> SymbolCoder:
@@ -183,7 +184,7 @@ class HyperpriorResidualCodec(nn.Module):
         z_strings = self.entropy_bottleneck.compress(z[..., :zv[0], :zv[1]].contiguous(), coder)
         z_hat = fill_padding(self.entropy_bottleneck.decompress(z_strings, zv, coder), z.shape[-2:])
         means, scales = self.unit_entropy_parameters(z_hat, base_embed)
-        return ResidualAnalysis(y.double(), z_strings, means, scales)
+        return ResidualAnalysis(y.double(), z_strings, means, scales, coder.format_version)
 
     @torch.no_grad()
     def compress(self, latent: torch.Tensor, base_embed: torch.Tensor, rate_q: int, latent_valid: tuple[int, int],
@@ -191,6 +192,9 @@ class HyperpriorResidualCodec(nn.Module):
         """(z strings, y strings) of rate level rate_q; pass `analysis` to reuse it across rate levels."""
         coder = _coder(coder)
         an = analysis or self.analyse(latent, base_embed, latent_valid, coder)
+        if an.format_version != coder.format_version:  # its z strings are in the other format's code
+            raise ValueError(f"the residual analysis was coded for format {an.format_version}, not "
+                             f"{coder.format_version}")
         g = self.gain(rate_q)
         means, scales = self.apply_gain(an.means, an.scales, g)
         yv = valid_extent(latent_valid, 2)
@@ -226,6 +230,7 @@ class ResidualAnalysis:
     z_strings: list
     means: torch.Tensor  # unit gain, exact
     scales: torch.Tensor
+    format_version: int  # whose coder wrote z_strings
 
 
 @dataclass

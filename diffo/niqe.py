@@ -100,13 +100,14 @@ def _mscn(lum: torch.Tensor) -> np.ndarray:
 
 
 def luminance(image: torch.Tensor) -> torch.Tensor:
-    """[3, H, W] or [1, H, W] in [0, 1] -> [H, W] float64 in [0, 255] (MATLAB's rgb2gray weights)."""
+    """[3, H, W] or [1, H, W] in [0, 1] -> [H, W] float64 in [0, 255]: MATLAB's rgb2gray weights, rounded to
+    integers as rgb2gray does on 8-bit images (the reference reads 8-bit files)."""
     img = image.detach().cpu().double().clamp(0, 1) * 255
     if img.ndim != 3 or img.shape[0] not in (1, 3):
         raise ValueError(f"NIQE expects an image [3, H, W] or [1, H, W], got shape {tuple(image.shape)}")
     if img.shape[0] == 1:
-        return img[0]
-    return 0.2989 * img[0] + 0.5870 * img[1] + 0.1140 * img[2]
+        return torch.round(img[0])
+    return torch.round(0.2989 * img[0] + 0.5870 * img[1] + 0.1140 * img[2])
 
 
 def niqe(image: torch.Tensor) -> float:
@@ -125,10 +126,10 @@ def niqe(image: torch.Tensor) -> float:
             lum = F.interpolate(lum[None, None], size=(h // 2, w // 2), mode="bicubic", align_corners=False,
                                 antialias=True)[0, 0]
     dist = np.concatenate(feats, 1)
-    dist = dist[np.isfinite(dist).all(1)]
-    if len(dist) < 2:
+    complete = dist[np.isfinite(dist).all(1)]  # nancov: blocks with an undefined feature are left out
+    if len(complete) < 2:
         raise ValueError("NIQE: fewer than two blocks with defined statistics (is the image flat?)")
     mu_p, cov_p = pristine_model()
-    mu, cov = dist.mean(0), np.cov(dist, rowvar=False)
+    mu, cov = np.nanmean(dist, 0), np.cov(complete, rowvar=False)  # nanmean: per feature, as the reference
     d = mu_p - mu
     return float(np.sqrt(d @ np.linalg.pinv((cov_p + cov) / 2) @ d))

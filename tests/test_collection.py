@@ -158,3 +158,23 @@ def test_sharded_workers_one_killed_then_resumed_give_the_single_process_bytes(t
     assert manifests == [f"manifest.shard-{i}-of-3.jsonl" for i in range(3)]
     rows = [json.loads(line) for line in (out / "manifest.shard-1-of-3.jsonl").read_text().splitlines()]
     assert "skipped" in [r["status"] for r in rows]  # the resumed worker kept what the killed one finished
+
+
+def test_force_redoes_a_collection_and_outputs_never_land_in_the_input_folder(tree, tmp_path, model_dir, capsys):
+    out = tmp_path / "archive"
+    main(["compress", str(tree), "-o", str(out), "--rate", "1", "--model", model_dir])
+    capsys.readouterr()
+    main(["compress", str(tree), "-o", str(out), "--rate", "0", "--model", model_dir, "--force"])
+    assert "3 done, 0 already done" in capsys.readouterr().out  # new settings: every file redone
+    from diffo.bitstream import Bitstream
+
+    assert Bitstream.from_bytes((out / "a.diffo").read_bytes()).rate == 0.0
+    assert main(["decompress", str(out), "-o", str(out / "restored"), "--model", model_dir]) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+
+
+def test_a_shard_with_no_file_finishes_cleanly(tmp_path, model_dir, capsys):
+    _photo(tmp_path / "one" / "p.png", 0)
+    assert main(["compress", str(tmp_path / "one"), "-o", str(tmp_path / "o"), "--rate", "0.5",
+                 "--model", model_dir, "--shard", "3/4"]) == 0
+    assert "0 done, 0 already done, 0 failed of 0" in capsys.readouterr().out

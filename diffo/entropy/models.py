@@ -61,7 +61,8 @@ class TableEntropyModel(nn.Module):
     def tables(self) -> CdfTables:
         if self._quantized_cdf.numel() == 0:
             raise ValueError(f"{type(self).__name__}: entropy tables are not built (run update() when finalising)")
-        key = tuple(b.data_ptr() for b in (self._quantized_cdf, self._cdf_length, self._offset))
+        # in-place loads (load_state_dict) keep the storage but bump the version
+        key = tuple((b.data_ptr(), b._version) for b in (self._quantized_cdf, self._cdf_length, self._offset))
         if self._tables is None or self._tables[0] != key:
             self._tables = (key, CdfTables.from_buffers(self._quantized_cdf, self._cdf_length, self._offset))
         return self._tables[1]

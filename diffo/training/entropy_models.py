@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ def require_compressai():
     return entropy_models
 
 
+@lru_cache(maxsize=1)  # one class per process: isinstance and pickling work across calls
 def _twin_classes() -> dict:
     em = require_compressai()
 
@@ -66,9 +68,11 @@ def _twin_classes() -> dict:
             # Keep every symbol codable: floor its probability at one count of the 16-bit CDF.
             pmf = pmf.clamp_min(2.0 ** -self.entropy_coder_precision)
             pmf = pmf / pmf.sum()
-            self._quantized_cdf = self._pmf_to_cdf(pmf[None], torch.zeros(1)[None], torch.tensor([n]), n)
-            self._offset = torch.zeros(1, dtype=torch.int32)
-            self._cdf_length = torch.tensor([n + 2], dtype=torch.int32)
+            dev = self.logits.device
+            self._quantized_cdf = self._pmf_to_cdf(pmf[None], torch.zeros(1, device=dev)[None],
+                                                   torch.tensor([n]), n)
+            self._offset = torch.zeros(1, dtype=torch.int32, device=dev)
+            self._cdf_length = torch.tensor([n + 2], dtype=torch.int32, device=dev)
             return True
 
     return {
@@ -109,11 +113,15 @@ def _move_state(src: nn.Module, dst: nn.Module) -> nn.Module:
 
 
 def _swap(model: nn.Module, make) -> nn.Module:
-    for name, child in list(model.named_modules()):
-        factory = make(child)
-        if factory is not None:
-            owner, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(owner), attr, _move_state(child, factory(child)))
+    rng = torch.get_rng_state()  # building a module draws initial values; the state it takes over replaces them
+    try:
+        for name, child in list(model.named_modules()):
+            factory = make(child)
+            if factory is not None:
+                owner, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(owner), attr, _move_state(child, factory(child)))
+    finally:
+        torch.set_rng_state(rng)  # so swapping never shifts the training's random numbers
     return model
 
 
@@ -151,10 +159,12 @@ def build_tables(model: nn.Module, force: bool = True) -> None:
     em = require_compressai()
     was_runtime = not is_trainable(model)
     trainable(model)
-    for m in model.modules():
-        if isinstance(m, em.GaussianConditional):
-            m.update()  # tables of its fixed scale table
-        elif isinstance(m, em.EntropyModel):
-            m.update(force=force)  # EntropyBottleneck, CategoricalPrior: tables of the learned densities
-    if was_runtime:
-        runtime(model)
+    try:
+        for m in model.modules():
+            if isinstance(m, em.GaussianConditional):
+                m.update()  # tables of its fixed scale table
+            elif isinstance(m, em.EntropyModel):
+                m.update(force=force)  # EntropyBottleneck, CategoricalPrior: tables of the learned densities
+    finally:
+        if was_runtime:
+            runtime(model)
