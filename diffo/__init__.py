@@ -27,7 +27,7 @@ from .errors import (  # noqa: E402
     UnsupportedVersionError,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BitstreamError", "DiffoError", "ImageInputError", "ModelLoadError", "ModelMismatchError",

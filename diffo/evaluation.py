@@ -72,14 +72,15 @@ class Evaluation:
     save_images: bool = False
     fingerprint: str = ""  # the DiffO model's: its points are cached per model, never reused for another
 
+    def _name(self, codec: str, bpp: float) -> str:
+        return f"{codec}@{bpp:g}" + (f".{self.fingerprint}" if codec in DIFFO_CODECS else "")
+
     def image_path(self, image: Path, codec: str, bpp: float) -> Path:
         """Where a reconstruction is kept (every one with --save-images, the panel codecs' always)."""
-        model = f".{self.fingerprint}" if codec in DIFFO_CODECS else ""
-        return self.out / "images" / image.stem / f"{codec}@{bpp:g}{model}.png"
+        return self.out / "images" / image.stem / f"{self._name(codec, bpp)}.png"
 
     def point_path(self, image: Path, codec: str, bpp: float, suffix: str = ".json") -> Path:
-        model = f".{self.fingerprint}" if codec in DIFFO_CODECS else ""
-        return self.out / "points" / image.stem / f"{codec}@{bpp:g}{model}{suffix}"
+        return self.out / "points" / image.stem / f"{self._name(codec, bpp)}{suffix}"
 
 
 def _measure(original: torch.Tensor, rec: torch.Tensor, measures: dict) -> dict[str, float]:

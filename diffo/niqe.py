@@ -47,6 +47,11 @@ def _ratio_table() -> np.ndarray:
     return g
 
 
+def _gamma(x: np.ndarray) -> np.ndarray:
+    """Γ elementwise, NaN where x is (an undefined fit)."""
+    return np.array([math.gamma(v) if np.isfinite(v) else np.nan for v in x])
+
+
 def _aggd(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AGGD fit per row of v [n, m]: (shape alpha, left scale, right scale); NaN where a side is empty."""
     neg, pos = v < 0, v > 0
@@ -60,9 +65,7 @@ def _aggd(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ok = np.isfinite(r_norm)
     alpha = np.full(len(v), np.nan)
     alpha[ok] = _GAMMAS[np.argmin((table[None, :] - r_norm[ok, None]) ** 2, axis=1)]
-    g1 = np.array([math.gamma(1 / a) if np.isfinite(a) else np.nan for a in alpha])
-    g3 = np.array([math.gamma(3 / a) if np.isfinite(a) else np.nan for a in alpha])
-    scale = np.sqrt(g1 / g3)
+    scale = np.sqrt(_gamma(1 / alpha) / _gamma(3 / alpha))
     return alpha, left * scale, right * scale
 
 
@@ -76,9 +79,7 @@ def _block_features(mscn: np.ndarray, block: int) -> np.ndarray:
     for shift in _SHIFTS:
         pair = (blocks * np.roll(blocks, shift, axis=(1, 2))).reshape(len(blocks), -1)
         a, bl, br = _aggd(pair)
-        g1 = np.array([math.gamma(1 / x) if np.isfinite(x) else np.nan for x in a])
-        g2 = np.array([math.gamma(2 / x) if np.isfinite(x) else np.nan for x in a])
-        feats += [a, (br - bl) * g2 / g1, bl, br]
+        feats += [a, (br - bl) * _gamma(2 / a) / _gamma(1 / a), bl, br]
     return np.stack(feats, 1)
 
 
