@@ -166,11 +166,7 @@ def bench_coders(model, repeats: int) -> dict:
         row = {"rate": rate}
         for v, coder in coders.items():
             def encode(coder=coder):
-                base, _ = lc.compress_base(enc.latent, enc.latent_valid, coder)
-                if q == 0:
-                    return (base[0],)
-                z, y = lc.compress_residual(enc.latent, enc.indices, q, enc.latent_valid, None, coder)
-                return base[0], z[0], y[0]
+                return pipeline.code_streams(model, enc, q, coder)
 
             streams = encode()
             row[f"format{v}"] = {

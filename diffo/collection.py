@@ -50,9 +50,10 @@ class Job:
     rate: float | None = None
     fingerprint: str | None = None
     seconds: float | None = None
+    stream: Bitstream | None = field(default=None, repr=False)  # the parsed .diffo (input or earlier output)
 
     def record(self) -> dict:
-        row = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        row = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "stream"}
         return {k: v for k, v in row.items() if v is not None and v != ""} | {"status": self.status}
 
 
@@ -178,13 +179,12 @@ def read_stream(path: Path) -> Bitstream:
     return Bitstream.from_bytes(path.read_bytes())
 
 
-def stream_done(path: Path, fingerprint: bytes | None = None) -> bool:
-    """An earlier output that parses (and, when given, was made by this model)."""
+def earlier_stream(path: Path) -> Bitstream | None:
+    """An earlier output that parses, or None (missing, or left damaged: it is redone)."""
     try:
-        bs = read_stream(path)
+        return read_stream(path)
     except (OSError, BitstreamError):
-        return False
-    return fingerprint is None or bs.fingerprint == fingerprint
+        return None
 
 
 def image_done(path: Path) -> bool:
@@ -199,7 +199,8 @@ def image_done(path: Path) -> bool:
 
 
 def precheck(jobs: list[Job], kind: str) -> None:
-    """Mark failed every job whose input is unusable, reading headers only (before any model loads)."""
+    """Mark failed every job whose input is unusable, reading headers only (before any model loads); a
+    stream's parse is kept on its job, so each input file is read once."""
     for job in jobs:
         if job.status != "todo":
             continue
@@ -207,7 +208,7 @@ def precheck(jobs: list[Job], kind: str) -> None:
             job.error = check_image(job.source) or ""
         else:
             try:
-                read_stream(job.source)
+                job.stream = read_stream(job.source)
             except (OSError, BitstreamError) as e:
                 job.error = str(e)
         if job.error:
@@ -239,13 +240,12 @@ def compress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shard_
         for job in jobs:
             if job.status == "failed":
                 _finish(job, manifest, bar, report)
-        todo = []
+        todo, earlier = [], []
         for job in jobs:
-            if job.status == "todo" and not redo and stream_done(job.output):
-                job.status = "skipped"  # its fingerprint is checked below, once the model is known
-            elif job.status == "todo":
-                todo.append(job)
-        if not todo and not any(j.status == "skipped" for j in jobs):
+            if job.status == "todo":
+                job.stream = None if redo else earlier_stream(job.output)
+                (todo if job.stream is None else earlier).append(job)
+        if not todo and not earlier:
             return Summary(jobs)
         from . import pipeline
         from .fileio import write_atomic
@@ -253,13 +253,13 @@ def compress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shard_
         from .image import load_image
 
         model = load_model(model_source, device=resolve_device(device))
-        for job in jobs:
-            if job.status == "skipped" and not stream_done(job.output, model.fingerprint):
-                job.status = "todo"  # made by another model: redo
-                todo.append(job)
-            elif job.status == "skipped":
-                _describe_stream(job, read_stream(job.output))
+        for job in earlier:
+            if job.stream.fingerprint == model.fingerprint:
+                job.status = "skipped"
+                _describe_stream(job, job.stream)
                 _finish(job, manifest, bar, report)
+            else:
+                todo.append(job)  # made by another model: redo
         todo.sort(key=lambda j: str(j.source))
         # Decode the next image from disk while the networks work on this one.
         with ThreadPoolExecutor(1) as pool:
@@ -275,7 +275,7 @@ def compress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shard_
                 if image is not None:
                     try:
                         data = pipeline.encode(model, image, **encode_kwargs)
-                        write_atomic(job.output, data, force=True)  # replaces only an invalid leftover
+                        write_atomic(job.output, data, force=True)  # an earlier output is redone, not kept
                         _describe_stream(job, pipeline.read_header(data))
                     except Exception as e:  # noqa: BLE001 - e.g. out of memory on one huge image
                         job.error = _why(e)
@@ -314,14 +314,14 @@ def decompress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shar
     with _progress(len(jobs), "decompress") as bar:
         todo = []
         for job in jobs:
+            if job.stream is not None:
+                _describe_stream(job, job.stream)
             if job.status == "todo" and not redo and image_done(job.output):
                 job.status = "skipped"
-            if job.status != "todo":
-                if job.status == "skipped":
-                    _describe_stream(job, read_stream(job.source))
-                _finish(job, manifest, bar, report)
-            else:
+            if job.status == "todo":
                 todo.append(job)
+            else:
+                _finish(job, manifest, bar, report)
         if not todo:
             return Summary(jobs)
         from . import pipeline
@@ -331,15 +331,9 @@ def decompress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shar
         model = load_model(model_source, device=resolve_device(device))
         ready = []
         for job in todo:  # every foreign stream reported before the first decode
-            try:
-                bs = read_stream(job.source)  # checked by precheck; read again: it may have changed since
-            except (OSError, BitstreamError) as e:
-                job.status, job.error = "failed", str(e)
-                _finish(job, manifest, bar, report)
-                continue
-            _describe_stream(job, bs)
-            if bs.fingerprint != model.fingerprint:
-                job.status, job.error = "failed", (f"made by model {bs.fingerprint.hex()}, not by the loaded "
+            fp = job.stream.fingerprint
+            if fp != model.fingerprint:
+                job.status, job.error = "failed", (f"made by model {fp.hex()}, not by the loaded "
                                                    f"'{model.config.name}' ({model.fingerprint.hex()})")
                 _finish(job, manifest, bar, report)
             else:
@@ -347,7 +341,7 @@ def decompress(jobs: list[Job], model_source: str | None, out_dir: Path, *, shar
         for job in ready:
             t0 = time.perf_counter()
             try:
-                img = pipeline.decode(model, job.source.read_bytes(), **decode_kwargs)
+                img = pipeline.decode(model, job.stream, **decode_kwargs)
                 save_image_atomic(job.output, img, force=True)
             except Exception as e:  # noqa: BLE001 - one bad file never stops the batch
                 job.error = _why(e)

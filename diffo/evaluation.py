@@ -124,6 +124,8 @@ def write_panels(ev: Evaluation, image: Path, rows: list[dict]) -> list[Path]:
     labelled with its real bpp, PSNR and NIQE (of the whole image). Codecs that missed the target are left out."""
     from .figures import comparison_picture
 
+    if not set(PANEL_CODECS) & set(ev.codecs):
+        return []
     original = load_image(image)
     top, left = texture_window(original)
     size = min(PANEL_CROP, original.shape[1], original.shape[2])
@@ -133,7 +135,7 @@ def write_panels(ev: Evaluation, image: Path, rows: list[dict]) -> list[Path]:
         return c.repeat_interleave(PANEL_ZOOM, 1).repeat_interleave(PANEL_ZOOM, 2)
 
     written = []
-    niqe_original = METRICS["niqe"](original, original) if "niqe" in METRICS else math.nan
+    niqe_original = METRICS["niqe"](original, original)
     for bpp in ev.bpps:
         tiles = []
         for codec in PANEL_CODECS:

@@ -102,6 +102,17 @@ def _container(model: DiffoCodec, enc: EncodedLatent, rate_q: int, strength: flo
                      strength_q=quantize_unit(strength), seed=seed, streams=streams).to_bytes()
 
 
+def code_streams(model: DiffoCodec, enc: EncodedLatent, rate_q: int, coder) -> tuple[bytes, ...]:
+    """The sub-streams (base,) or (base, z, y) of rate level `rate_q`, coded afresh with `coder` (any format's:
+    the bench compares the coders and the golden fixture writes an old format with it; `encode` writes the
+    current format and reuses its cached base code)."""
+    base, _ = model.latent_codec.compress_base(enc.latent, enc.latent_valid, coder)
+    if rate_q == 0:
+        return (base[0],)
+    z, y = model.latent_codec.compress_residual(enc.latent, enc.indices, rate_q, enc.latent_valid, None, coder)
+    return base[0], z[0], y[0]
+
+
 SEARCH_STEPS = MAX_RATE_Q.bit_length() + 1  # the most rate levels a bpp / max_bytes search codes
 
 
@@ -248,7 +259,7 @@ def reproducible(fast: bool = False):
 
 
 @torch.no_grad()
-def decode(model: DiffoCodec, data: bytes, *, strength: float | None = None, seed: int | None = None,
+def decode(model: DiffoCodec, data: bytes | Bitstream, *, strength: float | None = None, seed: int | None = None,
            denoise: bool = True, fast: bool = False, on_step: Step | None = None,
            max_pixels: int | None = None) -> torch.Tensor:
     """`.diffo` bytes → image [3, H, W] in [0, 1]. `strength`/`seed` override the stream's noise settings;

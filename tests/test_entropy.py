@@ -136,22 +136,26 @@ def test_switching_to_training_twins_and_back_keeps_the_very_parameters(compress
 
 
 def test_run_time_models_code_what_compressai_codes(compressai_em, tiny_model, photo):
-    """Same symbols through our run-time models as through CompressAI's own compress/decompress."""
+    """Our run-time models with format 1's coder write exactly the strings CompressAI's own models write from
+    the same tables: base indices, z and y."""
     from diffo import pipeline
     from diffo.training import entropy_models
 
-    lc = tiny_model.latent_codec
-    enc = pipeline.analyse(tiny_model, photo[:, :128, :192])
-    coder1 = coder_for_format(1)
-    ours = lc.compress_base(enc.latent, enc.latent_valid, coder1)[0]
-    z, y = lc.compress_residual(enc.latent, enc.indices, 30000, enc.latent_valid, None, coder1)
+    lc, res = tiny_model.latent_codec, tiny_model.latent_codec.residual
+    enc = pipeline.analyse(tiny_model, photo[:, :128, :192])  # 128x192: no padding, every symbol is coded
+    q = 30000
+    ours = pipeline.code_streams(tiny_model, enc, q, coder_for_format(1))
+    embed = lc.base.quantizer.embed(enc.indices)
+    y = res.analysis(enc.latent, embed).double()
+    z = res.h_a(y.float())
     entropy_models.trainable(lc)
     try:
-        eb = lc.residual.entropy_bottleneck
-        zv = (enc.latent.shape[-2] // 8, enc.latent.shape[-1] // 8)
-        an = lc.residual.analysis(enc.latent, lc.base.quantizer.embed(enc.indices))
-        theirs_z = eb.compress(lc.residual.h_a(an)[..., :zv[0], :zv[1]].contiguous())
+        base = lc.base.prior.compress(enc.indices.int(), torch.zeros_like(enc.indices, dtype=torch.int32))
+        z_strings = res.entropy_bottleneck.compress(z)
+        z_back = res.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+        means, scales = res.entropy_parameters(z_back, embed, res.gain(q))
+        g = res.gain(q)[None, :, None, None]
+        y_strings = res.gaussian_conditional.compress(y * g, res.gaussian_conditional.build_indexes(scales), means)
     finally:
         entropy_models.runtime(lc)
-    assert theirs_z == z
-    assert ours and y
+    assert ours == (base[0], z_strings[0], y_strings[0])

@@ -110,11 +110,9 @@ def encode_golden(model, version: int) -> bytes:
     bs = pipeline.read_header(pipeline.encode(model, source_image(), rate=0.6, seed=11))
     if version == bs.format_version:
         return bs.to_bytes()
-    coder, lc = coder_for_format(version), model.latent_codec
-    enc = pipeline.analyse(model, source_image())
-    base, _ = lc.compress_base(enc.latent, enc.latent_valid, coder)
-    z, y = lc.compress_residual(enc.latent, enc.indices, bs.rate_q, enc.latent_valid, None, coder)
-    return bs.replace(streams=(base[0], z[0], y[0]), format_version=version).to_bytes()
+    streams = pipeline.code_streams(model, pipeline.analyse(model, source_image()), bs.rate_q,
+                                    coder_for_format(version))
+    return bs.replace(streams=streams, format_version=version).to_bytes()
 
 
 def build() -> dict:
