@@ -32,6 +32,7 @@ __version__ = "0.2.0"
 __all__ = [
     "BitstreamError", "DiffoError", "ImageInputError", "ModelLoadError", "ModelMismatchError",
     "OutputExistsError", "UnsupportedVersionError", "MissingExtraError", "load_model", "encode", "decode", "DiffoCodec",
+    "OSDiffCodec",
 ]
 
 
@@ -43,7 +44,7 @@ def __getattr__(name):
     if name == "load_model":
         from .hub import load_model
         return load_model
-    if name == "DiffoCodec":
-        from .codec import DiffoCodec
-        return DiffoCodec
+    if name in ("DiffoCodec", "OSDiffCodec"):
+        from . import models
+        return getattr(models, name)
     raise AttributeError(f"module 'diffo' has no attribute {name!r}")

@@ -5,8 +5,9 @@ CRC-32 trailer. All integers are little-endian::
 
     off  size  field
       0     4  magic b"DIFO"
-      4     1  format version (uint8): 2 (written), 1 (read); it names the sub-streams' entropy coder
-      5     1  flags (uint8): bit0 = residual present; any other bit is an error
+      4     1  format version (uint8): 1, 2 or 3 (see below)
+      5     1  flags (uint8): bit0 = residual present; format 3: bits 4-7 = model family (0 DiffO, 1 OSDiff);
+               any other bit is an error
       6     8  model fingerprint (8 raw bytes)
      14     2  width  (uint16, 1..65535)
      16     2  height (uint16, 1..65535)
@@ -15,12 +16,15 @@ CRC-32 trailer. All integers are little-endian::
      22     4  noise seed (uint32)
      26     1  number of sub-streams n (1 without residual, 3 with)
      27   var  n lengths, unsigned LEB128 varints (1..4 bytes each, minimally encoded)
-    ...   sum  the sub-streams: base indices, then (with residual) hyper z, then residual y
+    ...   sum  the sub-streams: DiffO: base indices, then (with residual) hyper z, then residual y;
+               OSDiff: hyper z, then y (all ten slices, in the decoder's order)
   end-4     4  CRC-32 (zlib.crc32) of every byte before it
 
-The two versions share this layout and differ only in the entropy coder of the sub-streams: format 2,
-constriction's range coder (every writer); format 1, CompressAI's rANS coder (still read where CompressAI
-is installed). `Bitstream.from_bytes` raises only `BitstreamError` (or its subclass `UnsupportedVersionError`) on bad
+The versions share this layout. Format 1: CompressAI's rANS coder (still read where CompressAI is installed);
+format 2: constriction's range coder (what DiffO models write); format 3: the same range coder, a sub-stream
+may hold several chunks coded one after the other (autoregressive models), and the flags name the model
+family (what OSDiff models write; DiffO streams stay format 2, so older readers still read them).
+`Bitstream.from_bytes` raises only `BitstreamError` (or its subclass `UnsupportedVersionError`) on bad
 input, never IndexError/struct.error; a non-bytes argument is a TypeError. The full specification,
 with the validation rules and the versioning policy, is in docs/bitstream.md.
 """
@@ -47,6 +51,7 @@ __all__ = [
     "MAX_VARINT_BYTES",
     "MAX_STREAM_BYTES",
     "FLAG_RESIDUAL",
+    "FAMILY_NAMES",
     "quantize_unit",
     "dequantize_unit",
     "bits_per_pixel",
@@ -54,8 +59,10 @@ __all__ = [
     "peek_header",
 ]
 
-FORMAT_VERSION = 2  # what writers write
-READ_VERSIONS = (1, 2)  # what readers read: 1 = CompressAI rANS sub-streams, 2 = constriction range coder
+FORMAT_VERSION = 2  # what DiffO models write (each family writes its own: `CodecBase.format_version`)
+READ_VERSIONS = (1, 2, 3)  # 1 = CompressAI rANS sub-streams, 2 = constriction range coder, 3 = 2 + chunks + family
+FAMILY_NAMES = {0: "DiffO", 1: "OSDiff"}  # the family field of format 3 (formats 1 and 2 are DiffO)
+_FAMILY_STREAMS = {0: (1, 3), 1: (2,)}  # sub-stream counts each family writes
 MAGIC = b"DIFO"
 FINGERPRINT_BYTES = 8
 MAX_SIDE = 65535
@@ -67,6 +74,7 @@ MAX_VARINT_BYTES = 4
 MAX_STREAM_BYTES = (1 << (7 * MAX_VARINT_BYTES)) - 1  # largest length a 4-byte varint holds
 FLAG_RESIDUAL = 0x01
 _KNOWN_FLAGS = FLAG_RESIDUAL
+_FAMILY_SHIFT = 4
 _Q_MAX = 65535
 _SEED_MAX = 2**32 - 1
 
@@ -149,6 +157,12 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> None:
         raise BitstreamError(f"{name} {value} is out of range {lo}..{hi}")
 
 
+def _check_stream_count(family: int, n: int) -> None:
+    if n not in _FAMILY_STREAMS[family]:
+        what = {0: "1 sub-stream (base) or 3 (base, z, y)", 1: "2 sub-streams (z, y)"}[family]
+        raise BitstreamError(f"a {FAMILY_NAMES[family]} stream holds {what}, got {n}")
+
+
 def _check_size(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         raise BitstreamError(
@@ -168,6 +182,7 @@ class Bitstream:
     seed: int  # 0..2**32-1
     streams: tuple[bytes, ...]  # (base,) or (base, z, y)
     format_version: int = FORMAT_VERSION  # names the sub-streams' entropy coder (see module docstring)
+    family: int = 0  # FAMILY_NAMES; anything but 0 needs format 3
 
     def __post_init__(self) -> None:
         # Normalise bytes-likes so equality and hashing work; validation happens in to_bytes().
@@ -188,7 +203,7 @@ class Bitstream:
 
     @property
     def has_residual(self) -> bool:
-        return len(self.streams) == 3
+        return self.family == 0 and len(self.streams) == 3
 
     def validate(self) -> None:
         """Raise BitstreamError (a ValueError) naming the first field that cannot be written."""
@@ -204,12 +219,14 @@ class Bitstream:
         _check_int("seed", self.seed, 0, _SEED_MAX)
         if self.format_version not in READ_VERSIONS:
             raise BitstreamError(f"format_version must be one of {READ_VERSIONS}, got {self.format_version!r}")
+        if self.family not in FAMILY_NAMES:
+            raise BitstreamError(f"family must be one of {sorted(FAMILY_NAMES)}, got {self.family!r}")
+        if self.family and self.format_version < 3:
+            raise BitstreamError(f"format {self.format_version} carries DiffO streams only; "
+                                 f"{FAMILY_NAMES[self.family]} needs format 3")
         if not isinstance(self.streams, tuple):
             raise BitstreamError(f"streams must be a tuple of bytes, got {type(self.streams).__name__}")
-        if len(self.streams) not in (1, 3):
-            raise BitstreamError(
-                f"a .diffo stream holds 1 sub-stream (base) or 3 (base, z, y), got {len(self.streams)}"
-            )
+        _check_stream_count(self.family, len(self.streams))
         for i, s in enumerate(self.streams):
             if not isinstance(s, bytes):
                 raise BitstreamError(f"sub-stream {i} must be bytes, got {type(s).__name__}")
@@ -220,7 +237,7 @@ class Bitstream:
 
     def to_bytes(self) -> bytes:
         self.validate()
-        flags = FLAG_RESIDUAL if self.has_residual else 0
+        flags = (FLAG_RESIDUAL if self.has_residual else 0) | (self.family << _FAMILY_SHIFT)
         parts = [
             _HEADER.pack(
                 MAGIC,
@@ -285,18 +302,29 @@ class Bitstream:
         (_, _, flags, fingerprint, width, height, rate_q, strength_q, seed, n_streams) = _HEADER.unpack_from(
             body, 0
         )
+        family = flags >> _FAMILY_SHIFT if version >= 3 else 0
+        if version >= 3:
+            flags &= (1 << _FAMILY_SHIFT) - 1
+            if family not in FAMILY_NAMES:
+                raise BitstreamError(f"unknown model family {family} in .diffo header (this version knows "
+                                     f"{', '.join(f'{k} {v}' for k, v in FAMILY_NAMES.items())})")
         if flags & ~_KNOWN_FLAGS:
             raise BitstreamError(f"unknown flags 0x{flags:02x} in .diffo header")
         if width == 0 or height == 0:
             raise BitstreamError(f"invalid image size {width}x{height} in .diffo header: sides must be at least 1")
         _check_size(width, height)
         residual = bool(flags & FLAG_RESIDUAL)
-        expected = 3 if residual else 1
-        if n_streams != expected:
-            raise BitstreamError(
-                f"sub-stream count {n_streams} does not match the flags "
-                f"(residual {'present' if residual else 'absent'} needs {expected})"
-            )
+        if family == 0:
+            expected = 3 if residual else 1
+            if n_streams != expected:
+                raise BitstreamError(
+                    f"sub-stream count {n_streams} does not match the flags "
+                    f"(residual {'present' if residual else 'absent'} needs {expected})"
+                )
+        else:
+            if residual:
+                raise BitstreamError(f"the residual flag is set in an {FAMILY_NAMES[family]} stream")
+            _check_stream_count(family, n_streams)
 
         pos = HEADER_BYTES
         lengths = []
@@ -328,6 +356,7 @@ class Bitstream:
             seed=seed,
             streams=tuple(streams),
             format_version=version,
+            family=family,
         )
 
     @property
@@ -345,6 +374,7 @@ class Bitstream:
         total = self.total_bytes
         return {
             "format_version": self.format_version,
+            "family": FAMILY_NAMES[self.family],
             "fingerprint": bytes(self.fingerprint).hex(),
             "width": self.width,
             "height": self.height,

@@ -1,4 +1,4 @@
-"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, eval, bench, fuzz, matrix, train.
+"""`python -m diffo` / `diffo`: compress, decompress, info, demo, examples, eval, bench, fuzz, matrix, train, convert.
 
 Errors on bad input (missing file, not an image, damaged or foreign stream, wrong model, existing output)
 print one line `diffo: error: …` and exit with status 2; no traceback. Outputs are written atomically and
@@ -140,7 +140,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     run_demo(image=args.image, out_dir=Path(args.out), model_source=args.model,
              rates=[float(r) for r in args.rates.split(",")], force=args.force)
@@ -148,7 +148,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_examples(args) -> int:
-    from .demo import write_examples
+    from .tools.demo import write_examples
 
     for path in write_examples(Path(args.dir), args.model, args.force):
         print(path)
@@ -157,10 +157,10 @@ def cmd_examples(args) -> int:
 
 def cmd_strength(args) -> int:
     from .fileio import save_image_atomic, write_atomic
-    from .figures import strength_plot
+    from .tools.figures import strength_plot
     from .hub import load_model
     from .image import load_image
-    from .sweep import parse_floats, strength_sweep
+    from .tools.sweep import parse_floats, strength_sweep
 
     out = Path(args.out)
     targets = [out / "strength_sweep.json", out / "strength_sweep.png"]
@@ -170,7 +170,7 @@ def cmd_strength(args) -> int:
     if any(not 0 <= s <= 1 for s in strengths):
         raise DiffoError("--strengths: every strength must be in [0, 1]")
     if args.image is None:
-        from .demo import sample_photo
+        from .tools.demo import sample_photo
 
         args.image = str(sample_photo())
     image = load_image(Path(args.image))
@@ -186,8 +186,8 @@ def cmd_strength(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import evaluation
-    from .sweep import parse_floats
+    from .tools import evaluation
+    from .tools.sweep import parse_floats
 
     out = Path(args.out)
     if out.exists() and not any((out / d).is_dir() for d in ("points", "images", "panels")) and any(out.iterdir()):
@@ -228,8 +228,8 @@ def _report_json(args, report: dict) -> None:
 
 
 def cmd_bench(args) -> int:
-    from . import bench
-    from .sweep import parse_floats
+    from .tools import bench
+    from .tools.sweep import parse_floats
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - set(bench.PARTS)
@@ -244,7 +244,7 @@ def cmd_bench(args) -> int:
 def cmd_fuzz(args) -> int:
     from tqdm import tqdm
 
-    from . import fuzz
+    from .tools import fuzz
 
     _refuse_existing_out(args)
     with tqdm(total=args.n, desc="fuzz", unit="case") as bar:
@@ -255,7 +255,7 @@ def cmd_fuzz(args) -> int:
 
 
 def cmd_matrix(args) -> int:
-    from . import matrix
+    from .tools import matrix
 
     _refuse_existing_out(args)
     devices = args.devices.split(",") if args.devices else None
@@ -263,6 +263,33 @@ def cmd_matrix(args) -> int:
     _report_json(args, report)
     ok = report["determinism"]["identical"] and all(r["ok"] for r in report["images"])
     return 0 if ok and report["devices"].get("identical_symbols", True) else 1
+
+
+def cmd_convert(args) -> int:
+    """Published checkpoints → a model folder (written to a temporary folder beside --out, then renamed)."""
+    import shutil
+    import tempfile
+
+    out = Path(args.out)
+    if out.exists() and not args.force:  # before the slow loading
+        raise DiffoError(f"{out} exists; pass --force to replace it")
+    for what, path in (("checkpoint", args.checkpoint), ("base", args.base)):
+        if not Path(path).exists():
+            raise DiffoError(f"--{what} {path} does not exist")
+    from .models.osdiff.convert import convert_osdiff
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model = convert_osdiff(args.checkpoint, args.base, tmp, name=args.name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{out}: {model.config.name}, fingerprint {model.fingerprint.hex()}; use it with --model {out}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -374,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speed and memory: stages, 1 vs 50 steps, CompressAI, MP scaling, SD size")
     b.add_argument("--out", default=None, help="also write the JSON to this file")
-    b.add_argument("--parts", default="stages,steps,coders,compressai,collection,scaling,sd",
+    b.add_argument("--parts", default="stages,steps,coders,compressai,collection,scaling,sd,osdiff",
                    help="which measurements (also: sizes, the odd and huge image sizes of --shapes)")
     b.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median; after one warm-up)")
     b.add_argument("--sizes", default="0.25,1,4,16", help="megapixels for the scaling part (16 = 4096x4096)")
@@ -405,6 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=None, help="also write the JSON report to this file")
     m.add_argument("--force", action="store_true", help="overwrite --out")
     m.set_defaults(func=cmd_matrix)
+
+    cv = sub.add_parser("convert", help="convert published checkpoints into a model folder (Hub layout)")
+    cvs = cv.add_subparsers(dest="family", required=True, metavar="FAMILY")
+    o = cvs.add_parser("osdiff", help="OSDiff: the authors' lambda_*.ckpt + your SD 2.1-base file")
+    o.add_argument("--checkpoint", required=True, help="the OSDiff checkpoint you downloaded (lambda_1.ckpt)")
+    o.add_argument("--base", required=True,
+                   help="SD 2.1-base: v2-1_512-ema-pruned .safetensors/.ckpt (ComfyUI's models/checkpoints) "
+                        "or a diffusers folder")
+    o.add_argument("--out", required=True, help="the model folder to write (then: --model OUT)")
+    o.add_argument("--name", default=None, help="model name (default: osdiff-<checkpoint name>)")
+    o.add_argument("--force", action="store_true", help="replace --out")
+    o.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("train", help="train a model (resumable)")
     t.add_argument("--config", choices=["tiny", "sd"], default="tiny")

@@ -26,7 +26,7 @@ from .errors import ModelLoadError
 if TYPE_CHECKING:  # torch and the codec are imported when a model is loaded, so `import diffo.hub` stays cheap
     import torch
 
-    from .codec import DiffoCodec
+    from .models import CodecBase
 
 logger = logging.getLogger(__name__)
 
@@ -154,19 +154,19 @@ def _download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> 
 
 
 # ------------------------------------------------------------------------------------------------ caching
-_CACHE: dict[tuple[str, str, "torch.dtype"], "DiffoCodec"] = {}
+_CACHE: dict[tuple[str, str, "torch.dtype"], "CodecBase"] = {}
 _LOCK = threading.Lock()
 
 
 def load_model(source: str | Path | None = None, revision: str | None = None, *,
-               device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None) -> "DiffoCodec":
-    """The DiffO model `source` names (see `resolve_model_dir`), in eval mode without gradients, on `device`
+               device: "str | torch.device" = "cpu", dtype: "torch.dtype | None" = None) -> "CodecBase":
+    """The model (any family) `source` names (see `resolve_model_dir`), in eval mode without gradients, on `device`
     in `dtype` (default float32) except its latent codec, which stays float32 (integer-exact entropy coding).
     Loaded once per (folder, device, dtype) and process: later calls, whatever the spelling of the same source,
     return the same object, so do not modify it in place."""
     import torch
 
-    from .codec import DiffoCodec
+    from .models import load_codec
 
     dtype = torch.float32 if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -183,7 +183,7 @@ def load_model(source: str | Path | None = None, revision: str | None = None, *,
         model = _CACHE.get(key)
         if model is None:
             try:
-                model = DiffoCodec.from_dir(folder)
+                model = load_codec(folder)
             except (RuntimeError, AttributeError, OSError) as e:  # e.g. weight shapes that do not fit config.json
                 raise ModelLoadError(f"cannot load the DiffO model in {folder}: {type(e).__name__}: {e}") from e
             model.eval().requires_grad_(False)

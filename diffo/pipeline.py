@@ -20,38 +20,23 @@ import torch
 
 from . import tiling
 from .bitstream import MAX_PIXELS, MAX_SIDE, Bitstream, bits_per_pixel, dequantize_unit, quantize_unit
-from .codec import DiffoCodec
-from .denoiser import ControlOutput
 from .entropy import coder_for_format
 from .errors import BitstreamError, DiffoError, ImageInputError, ModelMismatchError
 from .image import crop_to, load_image, pad_to_multiple
-from .latent_codec import MAX_RATE_Q, ResidualAnalysis
+from .models import FAMILY_NAMES, CodecBase
+
+MAX_RATE_Q = 65535  # the highest rate level (a uint16 in the container)
 
 Progress = Callable[[int, int], None]
 Step = Callable[[], None]  # called after each unit of long work (a bisection step, a tile): progress bars, Cancel
 
 
-@dataclass
-class EncodedLatent:
-    """What the rate search reuses: the padded latent, the base strings and indices, the image size."""
-
-    latent: torch.Tensor
-    base_string: bytes
-    indices: torch.Tensor
-    size: tuple[int, int]  # original (H, W)
-    residual: ResidualAnalysis | None = None  # computed on the first rate level > 0, reused by the others
-
-    @property
-    def latent_valid(self) -> tuple[int, int]:
-        return latent_valid(*self.size)
-
-
 def latent_valid(h: int, w: int) -> tuple[int, int]:
-    """The latent positions that cover an H x W image (the rest is padding, never coded)."""
+    """The latent positions that cover an H x W image (the rest is padding)."""
     return -(-h // 8), -(-w // 8)
 
 
-def padded_latent_shape(model: DiffoCodec, h: int, w: int) -> tuple[int, int]:
+def padded_latent_shape(model: CodecBase, h: int, w: int) -> tuple[int, int]:
     """The latent size the codec works on: the image padded to the model's multiple, over 8."""
     m = model.config.pad_multiple
     return -(-h // m) * m // 8, -(-w // m) * m // 8
@@ -75,42 +60,30 @@ def check_size(h: int, w: int) -> None:
 
 
 @torch.no_grad()
-def analyse(model: DiffoCodec, image, drop_alpha: bool = False) -> EncodedLatent:
-    """Steps 1-3: the part of encoding that does not depend on the rate level."""
+def analyse(model: CodecBase, image, drop_alpha: bool = False):
+    """Steps 1-3: the part of encoding that does not depend on the rate level (the family's analysis)."""
     img = _as_image(image, drop_alpha)
     h, w = img.shape[-2:]
     check_size(h, w)
     x, _ = pad_to_multiple(img[None], model.config.pad_multiple)
-    latent = model.encode_latent(x.to(model.device)).float()
-    codec_device = next(model.latent_codec.parameters()).device
-    latent = latent.to(codec_device)
-    strings, indices = model.latent_codec.compress_base(latent, latent_valid(h, w))
-    return EncodedLatent(latent, strings[0], indices, (h, w))
+    return model.analyse(x, (h, w))
 
 
-def _container(model: DiffoCodec, enc: EncodedLatent, rate_q: int, strength: float | None, seed: int) -> bytes:
-    streams: tuple[bytes, ...] = (enc.base_string,)
-    if rate_q > 0:
-        if enc.residual is None:
-            enc.residual = model.latent_codec.analyse_residual(enc.latent, enc.indices, enc.latent_valid)
-        z, y = model.latent_codec.compress_residual(enc.latent, enc.indices, rate_q, enc.latent_valid, enc.residual)
-        streams += (z[0], y[0])
+def _container(model: CodecBase, enc, rate_q: int, strength: float | None, seed: int) -> bytes:
+    streams = model.streams(enc, rate_q)
     if strength is None:
         strength = model.strength_for_rate(dequantize_unit(rate_q))
     h, w = enc.size
     return Bitstream(fingerprint=model.fingerprint, width=w, height=h, rate_q=rate_q,
-                     strength_q=quantize_unit(strength), seed=seed, streams=streams).to_bytes()
+                     strength_q=quantize_unit(strength), seed=seed, streams=streams,
+                     format_version=model.format_version, family=model.family_id).to_bytes()
 
 
-def code_streams(model: DiffoCodec, enc: EncodedLatent, rate_q: int, coder) -> tuple[bytes, ...]:
-    """The sub-streams (base,) or (base, z, y) of rate level `rate_q`, coded afresh with `coder` (any format's:
-    the bench compares the coders and the golden fixture writes an old format with it; `encode` writes the
-    current format and reuses its cached base code)."""
-    base, _ = model.latent_codec.compress_base(enc.latent, enc.latent_valid, coder)
-    if rate_q == 0:
-        return (base[0],)
-    z, y = model.latent_codec.compress_residual(enc.latent, enc.indices, rate_q, enc.latent_valid, None, coder)
-    return base[0], z[0], y[0]
+def code_streams(model: CodecBase, enc, rate_q: int, coder) -> tuple[bytes, ...]:
+    """The sub-streams of rate level `rate_q`, coded afresh with `coder` (any format's: the bench compares the
+    coders and the golden fixture writes an old format with it; `encode` writes the model's format and reuses
+    what its analysis cached)."""
+    return model.streams(enc, rate_q, coder)
 
 
 SEARCH_STEPS = MAX_RATE_Q.bit_length() + 1  # the most rate levels a bpp / max_bytes search codes
@@ -130,7 +103,7 @@ def _search(build: Callable[[int], bytes], fits: Callable[[bytes], bool]) -> int
     return lo
 
 
-def encode(model: DiffoCodec, image, *, rate: float | None = None, bpp: float | None = None,
+def encode(model: CodecBase, image, *, rate: float | None = None, bpp: float | None = None,
            max_bytes: int | None = None, seed: int = 0, strength: float | None = None,
            drop_alpha: bool = False, on_step: Step | None = None) -> bytes:
     """Compress `image` (path, PIL image or [3,H,W] tensor in [0,1]) to `.diffo` bytes.
@@ -157,6 +130,8 @@ def encode(model: DiffoCodec, image, *, rate: float | None = None, bpp: float | 
     cache: dict[int, bytes] = {}
 
     def build(q: int) -> bytes:
+        if not model.has_rate_levels:
+            q = 0  # one rate per checkpoint: every level is the same stream
         if q not in cache:
             cache[q] = _container(model, enc, q, strength, int(seed))
             if on_step:
@@ -183,7 +158,7 @@ def read_header(data: bytes) -> Bitstream:
 
 
 @torch.no_grad()
-def entropy_decode(model: DiffoCodec, data: bytes | Bitstream,
+def entropy_decode(model: CodecBase, data: bytes | Bitstream,
                    max_pixels: int | None = None) -> tuple[Bitstream, torch.Tensor]:
     """Container → (header, ĉ [1, C, h, w] at the padded latent size). Checks the model fingerprint and,
     when given, that the image is at most `max_pixels` (decoding time and memory grow with the size the header
@@ -192,15 +167,10 @@ def entropy_decode(model: DiffoCodec, data: bytes | Bitstream,
     if max_pixels is not None and bs.width * bs.height > max_pixels:
         raise BitstreamError(f"this stream claims a {bs.width}x{bs.height} image ({bs.width * bs.height} pixels), "
                              f"more than this decoder's limit of {max_pixels} pixels (raise max_pixels to decode it)")
-    if bs.fingerprint != model.fingerprint:
-        raise ModelMismatchError(
-            f"this stream was made by model {bs.fingerprint.hex()}, but the loaded model "
-            f"'{model.config.name}' is {model.fingerprint.hex()}: load the model that made it")
-    shape = padded_latent_shape(model, bs.height, bs.width)
+    check_model(model, bs)
     coder = coder_for_format(bs.format_version)  # format 1 needs CompressAI: a MissingExtraError says so
     try:
-        c_hat = model.latent_codec.decompress([bs.streams], shape, bs.rate_q, latent_valid(bs.height, bs.width),
-                                              coder)
+        c_hat = model.entropy_decode(bs, coder)
     except DiffoError:
         raise
     except Exception as e:  # the entropy decoder or a shape check met data no encoder wrote
@@ -208,15 +178,27 @@ def entropy_decode(model: DiffoCodec, data: bytes | Bitstream,
     return bs, c_hat
 
 
+def check_model(model: CodecBase, bs: Bitstream) -> None:
+    """Refuse a stream that another model family or another model made, naming both."""
+    if bs.family != model.family_id:
+        raise ModelMismatchError(
+            f"this stream was made by a {FAMILY_NAMES.get(bs.family, f'family-{bs.family}')} model, but the loaded "
+            f"model '{model.config.name}' is a {model.family} model: load the model that made it "
+            f"(fingerprint {bs.fingerprint.hex()})")
+    if bs.fingerprint != model.fingerprint:
+        raise ModelMismatchError(
+            f"this stream was made by model {bs.fingerprint.hex()}, but the loaded model "
+            f"'{model.config.name}' is {model.fingerprint.hex()}: load the model that made it")
+    model.check_streams(bs)
+
+
 @torch.no_grad()
-def decode_symbols(model: DiffoCodec, data: bytes) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The entropy-decoded base indices and residual ŷ (None at rate level 0) of a stream, with the coder of its
-    format: what is identical on every machine (the determinism checks hash these)."""
+def decode_symbols(model: CodecBase, data: bytes) -> tuple[torch.Tensor | None, ...]:
+    """The entropy-decoded integer symbols of a stream, with the coder of its format: what is identical on every
+    machine (the determinism checks hash these). DiffO: (base indices, residual ŷ or None); OSDiff: (ẑ symbols,
+    ŷ symbols)."""
     bs = read_header(data)
-    shape = padded_latent_shape(model, bs.height, bs.width)
-    idx, _, y_hat = model.latent_codec.decode_symbols([bs.streams], shape, bs.rate_q, latent_valid(bs.height, bs.width),
-                                                      coder_for_format(bs.format_version))
-    return idx, y_hat
+    return model.decode_symbols(bs, coder_for_format(bs.format_version))
 
 
 def decoder_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -259,7 +241,7 @@ def reproducible(fast: bool = False):
 
 
 @torch.no_grad()
-def decode(model: DiffoCodec, data: bytes | Bitstream, *, strength: float | None = None, seed: int | None = None,
+def decode(model: CodecBase, data: bytes | Bitstream, *, strength: float | None = None, seed: int | None = None,
            denoise: bool = True, fast: bool = False, on_step: Step | None = None,
            max_pixels: int | None = None) -> torch.Tensor:
     """`.diffo` bytes → image [3, H, W] in [0, 1]. `strength`/`seed` override the stream's noise settings;
@@ -280,7 +262,7 @@ def decode(model: DiffoCodec, data: bytes | Bitstream, *, strength: float | None
         return image
 
 
-def decode_steps(model: DiffoCodec, data: bytes, denoise: bool = True) -> int:
+def decode_steps(model: CodecBase, data: bytes, denoise: bool = True) -> int:
     """How many times `decode` calls `on_step` for this stream (read from its header)."""
     bs = read_header(data)
     return 2 + (len(tiling.latent_windows(*padded_latent_shape(model, bs.height, bs.width))) if denoise else 0)
@@ -291,24 +273,24 @@ class ControlTiles:
     """The control module's output for each tile of a latent (a single tile up to 768 px a side; tiling.py)."""
 
     shape: tuple[int, int]  # the whole latent's (h, w)
-    tiles: list[tuple[tiling.Window, ControlOutput]]
+    tiles: list[tuple[tiling.Window, object]]  # each family's control output
 
 
-def _tile_inputs(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int):
+def _tile_inputs(model: CodecBase, c_hat: torch.Tensor, strength: float, seed: int):
     """ĉ on the model's device, the decoder noise for the whole latent, and the latent's (h, w)."""
     quantize_unit(strength)  # validates
     c_hat = c_hat.to(model.device)
     return c_hat, decoder_noise(tuple(c_hat.shape[1:]), seed), tuple(c_hat.shape[-2:])
 
 
-def _control_tile(model: DiffoCodec, c_hat: torch.Tensor, noise: torch.Tensor, strength: float,
-                  window: tiling.Window) -> ControlOutput:
+def _control_tile(model: CodecBase, c_hat: torch.Tensor, noise: torch.Tensor, strength: float,
+                  window: tiling.Window):
     ys, xs = window
     return model.control(c_hat[..., ys, xs], strength, noise[..., ys, xs])
 
 
 @torch.no_grad()
-def control(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int) -> ControlTiles:
+def control(model: CodecBase, c_hat: torch.Tensor, strength: float, seed: int) -> ControlTiles:
     """ĉ [1, C, h, w] → the control module's output, per tile: the noisy start x_t (noise from `seed`, its
     amount from `strength`), the timestep and the residuals that steer the UNet."""
     c_hat, noise, shape = _tile_inputs(model, c_hat, strength, seed)
@@ -317,13 +299,13 @@ def control(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int) 
 
 
 @torch.no_grad()
-def denoise_latent(model: DiffoCodec, ctrl: ControlTiles) -> torch.Tensor:
+def denoise_latent(model: CodecBase, ctrl: ControlTiles) -> torch.Tensor:
     """The one denoising step on every tile, blended: control output → clean (scaled) latent ẑ₀."""
     return tiling.blend(((win, model.denoise(out)) for win, out in ctrl.tiles), ctrl.shape)
 
 
 @torch.no_grad()
-def latent_from_c_hat(model: DiffoCodec, c_hat: torch.Tensor, strength: float, seed: int,
+def latent_from_c_hat(model: CodecBase, c_hat: torch.Tensor, strength: float, seed: int,
                       on_step: Step | None = None) -> torch.Tensor:
     """Control + one-step denoise: ĉ → clean latent ẑ₀; `control` then `denoise_latent`, one tile at a time
     (so a large image never holds every tile's control residuals at once); `on_step` after each tile."""
@@ -340,7 +322,7 @@ def latent_from_c_hat(model: DiffoCodec, c_hat: torch.Tensor, strength: float, s
 
 
 @torch.no_grad()
-def latent_to_image(model: DiffoCodec, latent: torch.Tensor, size: tuple[int, int] | None = None,
+def latent_to_image(model: CodecBase, latent: torch.Tensor, size: tuple[int, int] | None = None,
                     raw: bool = False) -> torch.Tensor:
     """Scaled latent [B, C, h, w] (`raw`: in the VAE's own units) → images [B, 3, H, W] in [0, 1] on the CPU,
     cropped to `size` (the image's own size, without the padding) when given."""
@@ -349,7 +331,7 @@ def latent_to_image(model: DiffoCodec, latent: torch.Tensor, size: tuple[int, in
     return crop_to(img, size) if size is not None else img
 
 
-def decode_batch(model: DiffoCodec, streams: list[bytes], progress: Progress | None = None, **kw) -> list[torch.Tensor]:
+def decode_batch(model: CodecBase, streams: list[bytes], progress: Progress | None = None, **kw) -> list[torch.Tensor]:
     out = []
     for i, data in enumerate(streams):
         out.append(decode(model, data, **kw))

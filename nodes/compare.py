@@ -7,11 +7,11 @@ import math
 import numpy as np
 import torch
 
-from ..diffo import classical
+from ..diffo.tools import classical
 from ..diffo.bitstream import bits_per_pixel
-from ..diffo.figures import comparison_picture, rd_plot
-from ..diffo.metrics import LOWER_IS_BETTER, niqe, quality
-from ..diffo.sweep import markdown_table, parse_floats, rate_sweep, series
+from ..diffo.tools.figures import comparison_picture, rd_plot
+from ..diffo.tools.metrics import LOWER_IS_BETTER, niqe, quality
+from ..diffo.tools.sweep import markdown_table, parse_floats, rate_sweep, series
 from . import comfy_env
 from .types import BITSTREAM, MODEL, images_from_comfy, images_to_comfy
 

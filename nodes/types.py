@@ -1,6 +1,6 @@
 """The values that travel on DiffO's custom wires, and conversions between ComfyUI's IMAGE/LATENT and `diffo`.
 
-    DIFFO_MODEL      a `diffo.codec.DiffoCodec` (shared: every loader of the same model returns the same object)
+    DIFFO_MODEL      a `diffo.models.diffo.codec.DiffoCodec` (shared: every loader of the same model returns the same object)
     DIFFO_BITSTREAM  `Bitstreams`: one `.diffo` byte string per image of the batch
     DIFFO_LATENT     `CodedLatents`: the entropy-decoded latent ĉ of each stream, with its header
     DIFFO_CONTROL    `Controls`: the control module's output for each stream (noisy start x_t + residuals, per tile)

@@ -18,7 +18,7 @@ def tiny_model():
     """A randomly initialised tiny model with built entropy tables (fast; weights are not trained)."""
     pytest.importorskip("compressai", reason="SKIPPED LOUDLY: building entropy tables needs CompressAI (the "
                                              "train extra); the README's install line adds it")
-    from diffo.codec import DiffoCodec
+    from diffo.models.diffo.codec import DiffoCodec
 
     torch.manual_seed(0)
     m = DiffoCodec.from_preset("tiny").eval()
@@ -38,7 +38,7 @@ def embedded_model():
 @pytest.fixture(scope="session")
 def photo():
     """A real photo shipped by an installed package (matplotlib's sample data), as a [3,H,W] tensor."""
-    from diffo.demo import sample_photo
+    from diffo.tools.demo import sample_photo
     from diffo.image import load_image
 
     return load_image(sample_photo())
@@ -49,7 +49,7 @@ def sd_checkpoint(tmp_path_factory):
     """A tiny randomly initialised checkpoint in diffusers' Stable Diffusion layout (vae/, unet/, scheduler/)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from diffo.codec import TINY_VAE
+    from diffo.models.diffo.codec import TINY_VAE
 
     root = tmp_path_factory.mktemp("sd")
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def plugin():
 @pytest.fixture(scope="session")
 def example_inputs(tmp_path_factory):
     """A ComfyUI-style input folder holding what `python -m diffo examples` writes (the workflows' inputs)."""
-    from diffo.demo import write_examples
+    from diffo.tools.demo import write_examples
 
     folder = tmp_path_factory.mktemp("input")
     write_examples(folder)

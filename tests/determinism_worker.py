@@ -16,8 +16,8 @@ torch.set_num_threads(threads)
 from safetensors.torch import load_file  # noqa: E402
 
 from diffo import pipeline  # noqa: E402
-from diffo.codec import DiffoCodec  # noqa: E402
-from diffo.matrix import decoded_symbols  # noqa: E402
+from diffo.models.diffo.codec import DiffoCodec  # noqa: E402
+from diffo.tools.matrix import decoded_symbols  # noqa: E402
 
 model = DiffoCodec.from_pretrained(model_dir)
 img = load_file(image_path)["image"]

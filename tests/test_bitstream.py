@@ -102,6 +102,7 @@ def test_properties_and_header_dict():
     json.dumps(d)
     assert d == {
         "format_version": 2,
+        "family": "DiffO",
         "fingerprint": FP.hex(),
         "width": 64,
         "height": 48,
@@ -192,9 +193,9 @@ def test_bad_magic():
 
 def test_newer_version():
     data = bytearray(VALID)
-    data[4] = 3
+    data[4] = 4
     err = expect(reseal(bytes(data[:-4])), "newer", UnsupportedVersionError)
-    assert "format 3" in str(err) and "reads formats 1, 2" in str(err) and "upgrade ComfyUI-DiffO" in str(err)
+    assert "format 4" in str(err) and "reads formats 1, 2, 3" in str(err) and "upgrade ComfyUI-DiffO" in str(err)
     expect(b"DIFO\x07", "newer", UnsupportedVersionError)  # version wins over truncation
     assert issubclass(UnsupportedVersionError, BitstreamError) and issubclass(BitstreamError, DiffoError)
 
@@ -369,3 +370,40 @@ def test_format_1_files_parse_and_keep_their_version():
     assert back.format_version == 1 and back.header_dict()["format_version"] == 1 and back.to_bytes() == data
     with pytest.raises(BitstreamError, match="format_version must be one of"):
         make().replace(format_version=7).to_bytes()
+
+
+# ------------------------------------------------------------------------------------------- format 3: families
+def test_format_3_names_the_family_in_the_flags_and_round_trips():
+    bs = Bitstream(fingerprint=FP, width=64, height=48, rate_q=0, strength_q=65535, seed=3, streams=(b"zz", b"yyy"),
+                   format_version=3, family=1)
+    data = bs.to_bytes()
+    assert data[5] == 0x10  # flags: family 1 in bits 4-7, no residual bit
+    back = Bitstream.from_bytes(data)
+    assert back == bs and back.header_dict()["family"] == "OSDiff"
+
+
+def test_families_are_checked_against_the_format_and_the_stream_count():
+    with pytest.raises(BitstreamError, match="format 2 carries DiffO streams only"):
+        Bitstream(fingerprint=FP, width=8, height=8, rate_q=0, strength_q=0, seed=0, streams=(b"a", b"b"),
+                  format_version=2, family=1).to_bytes()
+    with pytest.raises(BitstreamError, match=r"OSDiff stream holds 2 sub-streams \(z, y\), got 3"):
+        Bitstream(fingerprint=FP, width=8, height=8, rate_q=0, strength_q=0, seed=0, streams=(b"a", b"b", b"c"),
+                  format_version=3, family=1).to_bytes()
+    good = bytearray(Bitstream(fingerprint=FP, width=8, height=8, rate_q=0, strength_q=0, seed=0,
+                               streams=(b"a", b"b"), format_version=3, family=1).to_bytes())
+
+    def with_flags(flags: int) -> bytes:
+        data = bytearray(good)
+        data[5] = flags
+        body = bytes(data[:-4])
+        return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+    with pytest.raises(BitstreamError, match="unknown model family 7"):
+        Bitstream.from_bytes(with_flags(0x70))
+    with pytest.raises(BitstreamError, match="residual flag is set in an OSDiff stream"):
+        Bitstream.from_bytes(with_flags(0x11))
+    v2 = bytearray(with_flags(0x10))
+    v2[4] = 2
+    body = bytes(v2[:-4])
+    with pytest.raises(BitstreamError, match="unknown flags 0x10"):
+        Bitstream.from_bytes(body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF))

@@ -76,7 +76,7 @@ def test_errors_are_one_clear_line(capsys, png, model_dir, tmp_path, tiny_model)
         _assert_one_line_error(code, err, word)
         assert not (tmp_path / f"{word}.png").exists()
 
-    from diffo.codec import DiffoCodec
+    from diffo.models.diffo.codec import DiffoCodec
 
     torch.manual_seed(11)
     other = DiffoCodec.from_preset("tiny").eval()

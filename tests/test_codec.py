@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from diffo.codec import DiffoCodec
+from diffo.models.diffo.codec import DiffoCodec
 from diffo.errors import ModelLoadError
-from diffo.latent_codec import MAX_RATE_Q
+from diffo.models.diffo.latent_codec import MAX_RATE_Q
 from diffo.layers import ExactConv2d
-from diffo.noise import check_noise_map, strength_for_rate
+from diffo.models.diffo.noise import check_noise_map, strength_for_rate
 
 
 def test_forward_shapes_and_likelihoods(tiny_model):
@@ -167,7 +167,7 @@ def test_fresh_tiny_denoiser_starts_as_identity():
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction", "residual"])
 def test_prediction_types_recover_the_clean_latent(prediction_type):
     """With the ideal network output, every parametrisation gives back the clean latent."""
-    from diffo.denoiser import ControlOutput
+    from diffo.models.diffo.denoiser import ControlOutput
 
     torch.manual_seed(0)
     m = DiffoCodec.from_preset("tiny", prediction_type=prediction_type).eval()

@@ -48,7 +48,7 @@ def test_workflows_run_in_real_comfyui(tmp_path, example_inputs, tiny_model):
         pytest.skip(msg)
     harness = shared_path("tools", "comfy_acceptance.py")
     from diffo import pipeline
-    from diffo.demo import sample_photo
+    from diffo.tools.demo import sample_photo
     from diffo.image import load_image
 
     plugin = _clean_copy(tmp_path / "ComfyUI-DiffO")

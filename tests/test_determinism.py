@@ -40,7 +40,7 @@ def test_threads_batches_processes(tiny_model, tmp_path, model_kind, photo):
     stream = tmp_path / "one.diffo"
     # the stream made with 1 thread, decoded in a process with 2 threads (and vice versa)
     from diffo import pipeline
-    from diffo.codec import DiffoCodec
+    from diffo.models.diffo.codec import DiffoCodec
 
     model = DiffoCodec.from_pretrained(model_dir)
     stream.write_bytes(pipeline.encode(model, image, rate=0.6, seed=7))

@@ -159,3 +159,17 @@ def test_run_time_models_code_what_compressai_codes(compressai_em, tiny_model, p
     finally:
         entropy_models.runtime(lc)
     assert ours == (base[0], z_strings[0], y_strings[0])
+
+
+def test_chunks_one_chunk_is_encode_and_many_decode_in_order():
+    """Format 3: several chunks in one string, decoded one at a time (each chunk's tables known only after the
+    earlier ones); a single chunk is byte-identical to `encode` (format 2)."""
+    rng = np.random.default_rng(5)
+    tables = _tables(rng)
+    coder = RangeCoder()
+    chunks = [(rng.integers(-40, 40, n), rng.integers(0, tables.num_tables, n)) for n in (50, 0, 7, 300)]
+    assert coder.encode_chunks(chunks[:1], tables) == coder.encode(*chunks[0], tables)
+    data = coder.encode_chunks(chunks, tables)
+    reader = coder.chunk_decoder(data, tables)
+    for symbols, indexes in chunks:
+        assert np.array_equal(reader.decode(indexes), symbols)

@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffo import classical, evaluation, tiling
-from diffo.metrics import MetricUnavailable, learned_metric
+from diffo import tiling
+
+from diffo.tools import classical, evaluation
+from diffo.tools.metrics import MetricUnavailable, learned_metric
 
 
 def _images(folder, n=2, h=64, w=96):
@@ -68,7 +70,7 @@ def test_eval_rows_accounting_cache_and_outputs(tmp_path, model_dir, monkeypatch
                                          model_source=str(model_dir)))
     assert calls == []
     # another model's DiffO points are measured afresh, never taken from the cache
-    from diffo.codec import DiffoCodec
+    from diffo.models.diffo.codec import DiffoCodec
 
     other = DiffoCodec.from_pretrained(model_dir)
     torch.nn.init.normal_(other.vae.decoder.conv_out.weight, std=0.1)
@@ -152,7 +154,8 @@ def test_tiled_image_decodes_identically_through_the_split_nodes(plugin, tiny_mo
 
 # ---------------------------------------------------------------------------------------------- bench
 def test_multi_step_sampler_reduces_to_the_one_step_decoder(tiny_model):
-    from diffo import bench, pipeline
+    from diffo import pipeline
+    from diffo.tools import bench
 
     data = pipeline.encode(tiny_model, torch.rand(3, 48, 64), rate=0.6)
     bs, c_hat = pipeline.entropy_decode(tiny_model, data)
@@ -163,7 +166,7 @@ def test_multi_step_sampler_reduces_to_the_one_step_decoder(tiny_model):
 
 
 def test_scaling_runs_each_size_in_its_own_process(model_dir):
-    from diffo import bench
+    from diffo.tools import bench
 
     (row,) = bench.bench_scaling([bench._mp_shape(0.01)], str(model_dir))
     assert "error" not in row, row
@@ -175,7 +178,7 @@ def test_scaling_runs_each_size_in_its_own_process(model_dir):
 
 
 def test_sizes_part_encodes_and_decodes_odd_sizes_to_their_own_size(model_dir):
-    from diffo import bench
+    from diffo.tools import bench
 
     shapes = bench.parse_shapes("1x1, 1x37,7x5")
     assert shapes == [(1, 1), (1, 37), (7, 5)]

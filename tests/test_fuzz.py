@@ -5,7 +5,9 @@ import random
 import pytest
 import torch
 
-from diffo import fuzz, pipeline
+from diffo import pipeline
+
+from diffo.tools import fuzz
 from diffo.errors import BitstreamError
 
 

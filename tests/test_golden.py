@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from make_golden import decoded_symbols, decoded_tensors, sha256, stream_record  # noqa: E402
 
 RECORD = json.loads((GOLDEN / "golden.json").read_text())
-VERSIONS = sorted(RECORD["streams"], key=int)
+VERSIONS = sorted(RECORD["streams"], key=int)  # the DiffO formats (format 3 is OSDiff's: test_osdiff.py)
 # Across CPUs (instruction sets) the float networks may round differently; measured on the golden stream under
 # MKL_ENABLE_INSTRUCTIONS=SSE4_2 / AVX2 / AVX512: ĉ within 1e-7, pixels within 1 level on 0.02 % of them.
 C_HAT_ATOL, PIXEL_LEVELS, PIXEL_SHARE = 1e-5, 2, 0.01
@@ -39,7 +39,7 @@ def _needs_coder(version: str):
 
 @pytest.fixture(scope="module")
 def model():
-    from diffo.codec import DiffoCodec
+    from diffo.models.diffo.codec import DiffoCodec
 
     m = DiffoCodec.from_pretrained(GOLDEN / "model")
     assert m.fingerprint.hex() == RECORD["fingerprint"], "the committed model's fingerprint changed"
@@ -54,9 +54,11 @@ def reference():
 
 
 def test_every_format_version_has_a_golden_stream():
+    """Formats 1 and 2 (DiffO) here; format 3 (OSDiff) in tests/fixtures/osdiff_tiny (test_osdiff.py)."""
     from diffo.bitstream import READ_VERSIONS
 
-    assert VERSIONS == [str(v) for v in READ_VERSIONS]
+    osdiff = ROOT / "tests" / "fixtures" / "osdiff_tiny" / "format3.diffo"
+    assert VERSIONS + ["3"] == [str(v) for v in READ_VERSIONS] and osdiff.is_file()
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -88,7 +90,7 @@ def test_golden_stream_in_a_fresh_process(model, threads):
 
     version = VERSIONS[-1]
     code = (f"import sys, json, torch; sys.path.insert(0, {str(ROOT / 'tools')!r}); "
-            "from make_golden import decoded_hashes; from diffo.codec import DiffoCodec; from pathlib import Path; "
+            "from make_golden import decoded_hashes; from diffo.models.diffo.codec import DiffoCodec; from pathlib import Path; "
             f"g = Path({str(GOLDEN)!r}); torch.set_num_threads({threads}); "
             "print(json.dumps(decoded_hashes(DiffoCodec.from_pretrained(g / 'model'),"
             f" (g / 'format{version}.diffo').read_bytes())))")
@@ -109,10 +111,11 @@ def test_format_1_without_compressai_says_what_to_install(model, monkeypatch):
 
 def test_a_stream_from_a_newer_format_version_says_so(model):
     from diffo import pipeline
+    from diffo.bitstream import READ_VERSIONS
     from diffo.errors import UnsupportedVersionError
 
     newer = bytearray((GOLDEN / f"format{VERSIONS[-1]}.diffo").read_bytes())
-    newer[4] += 1  # the format version byte (docs/bitstream.md)
+    newer[4] = max(READ_VERSIONS) + 1  # the format version byte (docs/bitstream.md)
     with pytest.raises(UnsupportedVersionError, match="made by a newer version of DiffO"):
         pipeline.decode(model, bytes(newer))
 

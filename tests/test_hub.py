@@ -14,7 +14,7 @@ from huggingface_hub import constants as hf_constants
 from safetensors import safe_open
 
 from diffo import hub
-from diffo.codec import CONFIG_NAME, WEIGHTS_NAME, DiffoCodec
+from diffo.models.diffo.codec import CONFIG_NAME, WEIGHTS_NAME, DiffoCodec
 from diffo.errors import DiffoError, ModelLoadError
 from diffo.hub import cached_models, clear_cache, load_model, resolve_model_dir
 

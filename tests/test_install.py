@@ -195,7 +195,7 @@ def test_every_node_registers_without_the_extras_and_says_which_to_install():
         sys.path.insert(0, "tests")
         from conftest import load_plugin_like_comfyui
         plugin = load_plugin_like_comfyui()
-        from diffo import metrics
+        from diffo.tools import metrics
         from diffo.errors import MissingExtraError
         try:
             metrics.haarpsi(torch.rand(3, 80, 80), torch.rand(3, 80, 80)); msg = "no error"
@@ -203,7 +203,7 @@ def test_every_node_registers_without_the_extras_and_says_which_to_install():
             msg = str(e)
         try:
             torch.manual_seed(0)
-            from diffo.codec import DiffoCodec
+            from diffo.models.diffo.codec import DiffoCodec
             DiffoCodec.from_preset("tiny").update(); upd = "no error"
         except MissingExtraError as e:
             upd = str(e)

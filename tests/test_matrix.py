@@ -4,7 +4,7 @@ matrix agrees across processes and thread counts (the README's tables come from 
 import pytest
 import torch
 
-from diffo import matrix
+from diffo.tools import matrix
 
 
 def test_image_matrix_covers_every_kind_and_each_round_trips(tiny_model):

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from diffo import classical, metrics
-from diffo.figures import comparison_picture, rd_plot
-from diffo.sweep import markdown_table, parse_floats, rate_sweep, series
+from diffo.tools import classical, metrics
+from diffo.tools.figures import comparison_picture, rd_plot
+from diffo.tools.sweep import markdown_table, parse_floats, rate_sweep, series
 
 
 def smooth_image(h=96, w=128, seed=0):
@@ -101,8 +101,8 @@ def test_comparison_picture_labels_and_size_check():
 
 def test_strength_sweep_decodes_one_stream_at_each_strength(tiny_model, photo):
     from diffo import pipeline
-    from diffo.figures import strength_plot
-    from diffo.sweep import strength_sweep
+    from diffo.tools.figures import strength_plot
+    from diffo.tools.sweep import strength_sweep
 
     img = photo[:, :192, :256]
     rows = strength_sweep(tiny_model, img, [0.0, 0.5, 1.0], bpp=0.5, seed=3)

@@ -1,4 +1,4 @@
-"""NIQE (diffo/niqe.py): the published algorithm with the published pristine model. Checked against the values
+"""NIQE (diffo/tools/niqe.py): the published algorithm with the published pristine model. Checked against the values
 it must give (Kodak originals, whose mean the issue records as 4.17 with a reference implementation), its
 ordering (blur is less natural), its range and its refusals."""
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("scipy", reason="SKIPPED LOUDLY: NIQE reads its model with scipy (the eval extra)")
 
-from diffo.niqe import niqe, pristine_model  # noqa: E402
+from diffo.tools.niqe import niqe, pristine_model  # noqa: E402
 
 
 def _down_up(img: torch.Tensor, factor: int) -> torch.Tensor:
@@ -51,7 +51,7 @@ def test_tiny_flat_and_malformed_inputs_are_refused_clearly():
 
 
 def test_metric_wrapper_gives_nan_where_niqe_is_undefined():
-    from diffo.metrics import METRICS, LOWER_IS_BETTER
+    from diffo.tools.metrics import METRICS, LOWER_IS_BETTER
 
     assert math.isnan(METRICS["niqe"](torch.rand(3, 64, 64), torch.rand(3, 64, 64)))
     assert "niqe" in LOWER_IS_BETTER

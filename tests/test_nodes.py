@@ -315,7 +315,7 @@ def test_classical_codec_node_fits_the_target(plugin, photo):
     original = photo.permute(1, 2, 0)[None]
     image, bpp, n_bytes = node.run(original, "JPEG 2000", 0.05)
     assert image.shape == original.shape and bpp <= 0.05 and n_bytes == round(bpp * 512 * 600 / 8)
-    with pytest.raises(plugin.diffo.classical.TargetUnreachable, match="JPEG cannot reach 0.01 bpp"):
+    with pytest.raises(plugin.diffo.tools.classical.TargetUnreachable, match="JPEG cannot reach 0.01 bpp"):
         node.run(original, "JPEG", 0.01)
 
 

@@ -88,7 +88,7 @@ def test_forged_stream_with_valid_checksum_fails_cleanly(tiny_model):
 
 
 def test_wrong_model_is_refused(tiny_model):
-    from diffo.codec import DiffoCodec
+    from diffo.models.diffo.codec import DiffoCodec
 
     torch.manual_seed(5)
     other = DiffoCodec.from_preset("tiny").eval()

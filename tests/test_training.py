@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffo.codec import DiffoCodec
+from diffo.models.diffo.codec import DiffoCodec
 from diffo.training import train as train_mod
 from diffo.training.train import TrainConfig, Trainer
 

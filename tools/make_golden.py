@@ -117,7 +117,7 @@ def encode_golden(model, version: int) -> bytes:
 
 def build() -> dict:
     from diffo.bitstream import READ_VERSIONS
-    from diffo.codec import DiffoCodec
+    from diffo.models.diffo.codec import DiffoCodec
 
     torch.manual_seed(1234)
     model = DiffoCodec(vae_config=MICRO_VAE, unet_config=MICRO_UNET, latent_codec_config=MICRO_LATENT_CODEC,
@@ -148,7 +148,7 @@ def _write_reference(folder: Path, model, data: bytes, record: dict) -> None:
 
 def add_format(version: int) -> dict:
     """Add the stream of format `version` to the existing fixture (old streams and model untouched)."""
-    from diffo.codec import DiffoCodec
+    from diffo.models.diffo.codec import DiffoCodec
 
     record = json.loads((GOLDEN / "golden.json").read_text())
     if str(version) in record["streams"]:

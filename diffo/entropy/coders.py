@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import MissingExtraError
 
-__all__ = ["CdfTables", "SymbolCoder", "RangeCoder", "CompressAIRansCoder", "coder_for_format", "PRECISION"]
+__all__ = ["CdfTables", "SymbolCoder", "RangeCoder", "ChunkDecoder", "CompressAIRansCoder", "coder_for_format", "PRECISION"]
 
 PRECISION = 16  # bits of the stored CDF tables
 _NIBBLE_COUNTS = 17  # an escaped value takes 0..16 four-bit nibbles (64 bits)
@@ -111,19 +111,34 @@ class RangeCoder(SymbolCoder):
         return self._c.stream.model.Categorical(tables.pmf(t), perfect=False)
 
     def encode(self, symbols: np.ndarray, indexes: np.ndarray, tables: CdfTables) -> bytes:
-        sym = np.asarray(symbols, dtype=np.int64).reshape(-1)
-        idx = _check_indexes(indexes, tables)
-        if sym.size != idx.size:
-            raise ValueError(f"{sym.size} symbols but {idx.size} table indexes")
-        if sym.size == 0:
+        return self.encode_chunks([(symbols, indexes)], tables)
+
+    def encode_chunks(self, chunks: list[tuple[np.ndarray, np.ndarray]], tables: CdfTables) -> bytes:
+        """Several (symbols, indexes) chunks in one string, each coded as `encode` codes one, one after the
+        other: for autoregressive models, where the decoder learns chunk k's tables only after decoding the
+        chunks before it (`chunk_decoder`). One chunk gives exactly `encode`'s bytes."""
+        prepared = []
+        for symbols, indexes in chunks:
+            sym = np.asarray(symbols, dtype=np.int64).reshape(-1)
+            idx = _check_indexes(indexes, tables)
+            if sym.size != idx.size:
+                raise ValueError(f"{sym.size} symbols but {idx.size} table indexes")
+            if sym.size and np.abs(sym).max() >= 1 << 61:  # the escape mapping doubles values inside int64
+                raise ValueError("a symbol is out of the coder's range (|s| < 2^61)")
+            prepared.append((sym, idx))
+        if not any(sym.size for sym, _ in prepared):
             return b""
-        if np.abs(sym).max() >= 1 << 61:  # the escape mapping doubles values inside int64
-            raise ValueError("a symbol is out of the coder's range (|s| < 2^61)")
+        enc = self._c.stream.queue.RangeEncoder()
+        for sym, idx in prepared:
+            if sym.size:
+                self._encode_into(enc, sym, idx, tables)
+        return _words_to_bytes(enc.get_compressed())
+
+    def _encode_into(self, enc, sym: np.ndarray, idx: np.ndarray, tables: CdfTables) -> None:
         escape = tables.lengths[idx] - 2
         value = sym - tables.offsets[idx]
         escaped = (value < 0) | (value >= escape)
         coded = np.where(escaped, escape, value).astype(np.int32)
-        enc = self._c.stream.queue.RangeEncoder()
         for t in np.unique(idx):
             enc.encode(coded[idx == t], self._model(tables, int(t)))
         if escaped.any():
@@ -134,7 +149,10 @@ class RangeCoder(SymbolCoder):
             nibbles = np.concatenate([(r >> (4 * np.arange(n, dtype=np.uint64))) & 0xF for r, n in zip(raw, counts)])
             if nibbles.size:
                 enc.encode(nibbles.astype(np.int32), self._c.stream.model.Uniform(16))
-        return _words_to_bytes(enc.get_compressed())
+
+    def chunk_decoder(self, data: bytes, tables: CdfTables) -> "ChunkDecoder":
+        """Reads what `encode_chunks` wrote, one chunk per `decode(indexes)` call, in the same order."""
+        return ChunkDecoder(self, data, tables)
 
     def decode(self, data: bytes, indexes: np.ndarray, tables: CdfTables) -> np.ndarray:
         idx = _check_indexes(indexes, tables)
@@ -146,8 +164,10 @@ class RangeCoder(SymbolCoder):
             raise ValueError(f"the range-coded data is invalid ({e})") from None
 
     def _decode(self, data: bytes, idx: np.ndarray, tables: CdfTables) -> np.ndarray:
+        return self._decode_from(self._c.stream.queue.RangeDecoder(_bytes_to_words(data)), idx, tables)
+
+    def _decode_from(self, dec, idx: np.ndarray, tables: CdfTables) -> np.ndarray:
         out = np.empty(idx.size, dtype=np.int64)
-        dec = self._c.stream.queue.RangeDecoder(_bytes_to_words(data))
         for t in np.unique(idx):
             sel = idx == t
             out[sel] = dec.decode(self._model(tables, int(t)), int(sel.sum()))
@@ -167,6 +187,23 @@ class RangeCoder(SymbolCoder):
                 values.append(v)
             out[escaped] = values
         return out + tables.offsets[idx]
+
+
+class ChunkDecoder:
+    """Decodes the chunks of one `RangeCoder.encode_chunks` string in order (see there)."""
+
+    def __init__(self, coder: RangeCoder, data: bytes, tables: CdfTables):
+        self._coder, self._tables = coder, tables
+        self._dec = coder._c.stream.queue.RangeDecoder(_bytes_to_words(data))
+
+    def decode(self, indexes: np.ndarray) -> np.ndarray:
+        idx = _check_indexes(indexes, self._tables)
+        if idx.size == 0:
+            return np.empty(0, dtype=np.int64)
+        try:
+            return self._coder._decode_from(self._dec, idx, self._tables)
+        except (AssertionError, RuntimeError, OverflowError) as e:  # constriction's word for bytes it cannot read
+            raise ValueError(f"the range-coded data is invalid ({e})") from None
 
 
 def _nibble_counts(raw: np.ndarray) -> np.ndarray:
@@ -226,7 +263,7 @@ class CompressAIRansCoder(SymbolCoder):
                           dtype=np.int64)
 
 
-_CODERS = {2: RangeCoder, 1: CompressAIRansCoder}
+_CODERS = {3: RangeCoder, 2: RangeCoder, 1: CompressAIRansCoder}
 
 
 def coder_for_format(version: int) -> SymbolCoder:

@@ -20,7 +20,7 @@ RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> list[dict]:
     """Real encode → bytes → decode on centre crops of held-out photos: mean bpp, PSNR and MS-SSIM per
     rate level, and PSNR and HaarPSI with and without the one-step denoiser."""
-    from ..metrics import haarpsi, ms_ssim
+    from ..tools.metrics import haarpsi, ms_ssim
     from .. import pipeline
     from ..bitstream import bits_per_pixel
     from ..image import psnr
@@ -51,7 +51,7 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
 def finalize(model, folder: Path, held_files: list[Path], train_info: dict) -> Path:
     """Build the entropy tables, save the model in half precision (codec in float32), measure it on the
     held-out photos *as saved* and write the model card beside it."""
-    from ..codec import DiffoCodec
+    from ..models.diffo.codec import DiffoCodec
 
     model.eval()
     model.update()

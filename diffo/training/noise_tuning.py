@@ -24,7 +24,7 @@ def score_grid(model, images: list[torch.Tensor], rates=RATES, strengths=STRENGT
     """Mean HaarPSI of the decoded held-out images for every (rate, strength), plus the no-denoise
     ablation per rate: {"haarpsi": [[...per strength] per rate], "nodenoise": [... per rate]}."""
     from .. import pipeline
-    from ..metrics import haarpsi
+    from ..tools.metrics import haarpsi
 
     grid = [[0.0] * len(strengths) for _ in rates]
     plain = [0.0] * len(rates)

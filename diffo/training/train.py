@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..codec import DiffoCodec
-from ..discriminator import UNetFeatureDiscriminator
+from ..models.diffo.codec import DiffoCodec
+from ..models.diffo.discriminator import UNetFeatureDiscriminator
 from ..extras import require
-from ..latent_codec import MAX_RATE_Q
+from ..models.diffo.latent_codec import MAX_RATE_Q
 from . import checkpoint as ckpt
 from . import entropy_models
 from . import noise_tuning

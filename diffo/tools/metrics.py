@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .extras import require
-from .image import psnr, to_uint8
+from ..extras import require
+from ..image import psnr, to_uint8
 
 # MS-SSIM's 11-px window over 5 scales needs a shorter side above (11 - 1) * 2**4 = 160 px.
 MS_SSIM_MIN_SIDE = 161
@@ -61,7 +61,7 @@ def gmsd(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def niqe(a: torch.Tensor, b: torch.Tensor) -> float:
-    """NIQE of `b` alone (diffo/niqe.py; `a` is not used): lower is more natural. NaN below two 96x96 blocks."""
+    """NIQE of `b` alone (diffo/tools/niqe.py; `a` is not used): lower is more natural. NaN below two 96x96 blocks."""
     from .niqe import niqe as _niqe
 
     _, y = _batch(a, b)

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, features
 
-from .bitstream import bits_per_pixel
-from .extras import require
-from .image import to_pil
+from ..bitstream import bits_per_pixel
+from ..extras import require
+from ..image import to_pil
 
 
 class TargetUnreachable(ValueError):

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bitstream import FORMAT_VERSION
-from .entropy import CategoricalPrior, EntropyBottleneck, SymbolCoder, coder_for_format, gaussian_conditional
-from .layers import WEIGHT_BITS, ExactConv2d, ResBlock, conv, exact_act, to_grid, upconv
+from ...bitstream import FORMAT_VERSION
+from ...entropy import CategoricalPrior, EntropyBottleneck, SymbolCoder, coder_for_format, gaussian_conditional
+from ...layers import WEIGHT_BITS, ExactConv2d, ResBlock, conv, exact_act, to_grid, upconv
 from .vq import VectorQuantizer
 
 GAIN_LIMIT = 64.0

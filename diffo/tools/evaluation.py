@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import classical, pipeline
-from .bitstream import bits_per_pixel
-from .collection import IMAGE_SUFFIXES
-from .fileio import save_image_atomic, write_atomic
-from .extras import require
-from .image import load_image
+from . import classical
+from .. import pipeline
+from ..bitstream import bits_per_pixel
+from ..collection import IMAGE_SUFFIXES
+from ..fileio import save_image_atomic, write_atomic
+from ..extras import require
+from ..image import load_image
 from .metrics import LEARNED, LOWER_IS_BETTER, METRICS, MetricUnavailable, learned_metric
 
 DIFFO_CODECS = ["diffo", "diffo-nodenoise"]
@@ -190,7 +191,7 @@ def run(ev: Evaluation, write: bool = True) -> list[dict]:
     with `write`, the CSV, summary and plots of them."""
     from tqdm import tqdm
 
-    from .hub import load_model
+    from ..hub import load_model
 
     measures = {m: METRICS[m] for m in ev.metrics if m in METRICS}
     for name in LEARNED:

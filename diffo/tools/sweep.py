@@ -11,9 +11,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import classical, pipeline
-from .bitstream import bits_per_pixel
-from .codec import DiffoCodec
+from . import classical
+from .. import pipeline
+from ..bitstream import bits_per_pixel
+from ..models import CodecBase as DiffoCodec  # any family
 from .metrics import quality
 
 Step = Callable[[], None]  # called after each coded point (progress, interrupt checks)

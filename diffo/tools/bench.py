@@ -16,6 +16,9 @@ warm-up run; ratios are measured in the same run. JSON out.
                 (not in the default parts: 8192x8192 takes about half an hour on 2 CPU cores)
     sd          the paper-scale configuration (Stable Diffusion 2.1 size, random weights) at 512x768 in
                 fp16 on a GPU, one-step decode time; skipped without a GPU unless asked for
+    osdiff      the OSDiff family at SD 2.1-base size (bench_osdiff.py): encode/decode, 1 vs 50 steps, peak
+                memory, a tiled 2048x2048 decode, CPU <-> GPU; skipped without a GPU unless asked for (--sd)
+The parts marked by DIFFO_PARTS measure the DiffO family's stages and are skipped for other families' models.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from typing import Callable
 
 import torch
 
-from . import child, pipeline
+from .. import child, pipeline
 from .demo import sample_photo
-from .image import load_image
+from ..image import load_image
 
 BENCH_SIZE = (512, 768)  # H, W: Kodak's landscape size
 SCALING_MP = (0.25, 1.0, 4.0, 16.0)
-PARTS = ("stages", "steps", "coders", "compressai", "collection", "scaling", "sd", "sizes")
+PARTS = ("stages", "steps", "coders", "compressai", "collection", "scaling", "sd", "sizes", "osdiff")
+DIFFO_PARTS = ("stages", "steps", "coders")
 COLLECTION_BPP = 0.05
 CODER_RATES = (0.0, 0.25, 0.5, 1.0)
 SHAPES = ((1, 1), (1, 300), (7, 5), (4097, 2049), (8192, 8192))  # W x H
@@ -149,9 +153,9 @@ def bench_steps(model, repeats: int, steps: int = 50) -> dict:
 @torch.no_grad()
 def bench_coders(model, repeats: int) -> dict:
     """Format 2's coder against format 1's on the same symbols: the cost of the format change."""
-    from .bitstream import quantize_unit
-    from .entropy import coder_for_format
-    from .errors import MissingExtraError
+    from ..bitstream import quantize_unit
+    from ..entropy import coder_for_format
+    from ..errors import MissingExtraError
 
     try:
         coders = {v: coder_for_format(v) for v in (2, 1)}
@@ -186,8 +190,8 @@ def bench_coders(model, repeats: int) -> dict:
 # ------------------------------------------------------------------------------------------------ compressai
 @torch.no_grad()
 def bench_compressai(model, repeats: int) -> dict:
-    from .errors import MissingExtraError
-    from .extras import require
+    from ..errors import MissingExtraError
+    from ..extras import require
 
     try:
         MeanScaleHyperprior = require("compressai.zoo.image", "The CompressAI baseline").MeanScaleHyperprior
@@ -227,8 +231,8 @@ def bench_collection(model_source: str | None, images_dir: str | None) -> dict:
     import tempfile
     from pathlib import Path
 
-    from .collection import IMAGE_SUFFIXES
-    from .fileio import save_image_atomic
+    from ..collection import IMAGE_SUFFIXES
+    from ..fileio import save_image_atomic
 
     model = ["--model", model_source] if model_source else []
     with tempfile.TemporaryDirectory() as tmp:
@@ -272,7 +276,7 @@ def _scaling_child(side_w: int, side_h: int, model_source: str | None) -> dict:
     """Runs in a fresh process: encode then decode one side_w x side_h image; peak RSS after each."""
     import resource
 
-    from .hub import load_model
+    from ..hub import load_model
 
     img = bench_image(side_h, side_w)
     model = load_model(model_source)
@@ -296,7 +300,7 @@ def bench_scaling(shapes, model_source: str | None, label: str = "scaling") -> l
     """Encode + decode each (W, H) in a fresh process (peak memory per size, nothing shared)."""
     rows = []
     for w, h in shapes:
-        row = child.run_json(f"import json; from diffo.bench import _scaling_child; "
+        row = child.run_json(f"import json; from diffo.tools.bench import _scaling_child; "
                              f"print(json.dumps(_scaling_child({w}, {h}, {model_source!r})))")
         rows.append({"size": f"{w}x{h}", **row} if "error" in row else row)
         print(f"  {label} {w}x{h}: {rows[-1]}", file=sys.stderr)
@@ -320,13 +324,13 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 # ------------------------------------------------------------------------------------------------ sd scale
 @torch.no_grad()
 def bench_sd(repeats: int, force: bool) -> dict:
-    from .codec import DiffoCodec
+    from ..models.diffo.codec import DiffoCodec
 
     if not torch.cuda.is_available() and not force:
         return {"skipped": "no GPU (run with --sd to time it on this device anyway)"}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    from .errors import MissingExtraError
+    from ..errors import MissingExtraError
 
     torch.manual_seed(0)
     model = DiffoCodec.sd21_sized().eval().requires_grad_(False)
@@ -351,6 +355,12 @@ def bench_sd(repeats: int, force: bool) -> dict:
     return out
 
 
+def _bench_osdiff(repeats: int, force: bool) -> dict:
+    from .bench_osdiff import bench_osdiff
+
+    return bench_osdiff(repeats, force)
+
+
 def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "cuda": torch.cuda.is_available()}
@@ -358,7 +368,7 @@ def environment() -> dict:
 
 def run(parts: list[str], repeats: int, sizes_mp, model_source: str | None, force_sd: bool,
         shapes=SHAPES, images: str | None = None) -> dict:
-    from .hub import load_model
+    from ..hub import load_model
 
     model = load_model(model_source)
     result = {"model": model.config.name, "fingerprint": model.fingerprint.hex(), "environment": environment()}
@@ -366,8 +376,12 @@ def run(parts: list[str], repeats: int, sizes_mp, model_source: str | None, forc
              "coders": lambda: bench_coders(model, repeats), "compressai": lambda: bench_compressai(model, repeats),
              "collection": lambda: bench_collection(model_source, images),
              "scaling": lambda: bench_scaling([_mp_shape(mp) for mp in sizes_mp], model_source),
-             "sizes": lambda: bench_scaling(shapes, model_source, "sizes"), "sd": lambda: bench_sd(repeats, force_sd)}
+             "sizes": lambda: bench_scaling(shapes, model_source, "sizes"), "sd": lambda: bench_sd(repeats, force_sd),
+             "osdiff": lambda: _bench_osdiff(repeats, force_sd)}
     for part in parts:
         print(f"bench: {part} …", file=sys.stderr)
+        if part in DIFFO_PARTS and model.family != "diffo":
+            result[part] = {"skipped": f"a DiffO-family part; {model.config.name} is a {model.family} model"}
+            continue
         result[part] = steps[part]()
     return result

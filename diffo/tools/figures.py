@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .extras import require
-from .image import to_pil
+from ..extras import require
+from ..image import to_pil
 
 
 def _font(size: int) -> ImageFont.ImageFont:

@@ -23,9 +23,9 @@ from typing import Callable
 
 import torch
 
-from . import pipeline
-from .bitstream import CRC_BYTES, HEADER_BYTES
-from .errors import DiffoError
+from .. import pipeline
+from ..bitstream import CRC_BYTES, HEADER_BYTES
+from ..errors import DiffoError
 
 SEED_SIZES = ((16, 16), (40, 56), (64, 96), (96, 128))
 SEED_RATES = (0.0, 0.3, 1.0)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import child, pipeline
-from .image import load_image, to_uint8
+from .. import child, pipeline
+from ..image import load_image, to_uint8
 
 THREADS = (1, 2)
 BATCH = 4
@@ -143,7 +143,7 @@ def decoded_symbols(model, data: bytes) -> dict:
 
 
 def _determinism_child(threads: int, model_source: str | None, stream: str) -> dict:
-    from .hub import load_model
+    from ..hub import load_model
 
     torch.set_num_threads(threads)
     return {"threads": torch.get_num_threads(), **decoded_symbols(load_model(model_source), Path(stream).read_bytes())}
@@ -157,7 +157,7 @@ def determinism_matrix(model, model_source: str | None) -> dict:
         stream.write_bytes(data)
         for threads in THREADS:
             row = child.run_json(
-                f"import json; from diffo.matrix import _determinism_child; "
+                f"import json; from diffo.tools.matrix import _determinism_child; "
                 f"print(json.dumps(_determinism_child({threads}, {model_source!r}, {str(stream)!r})))",
                 env={**os.environ, "OMP_NUM_THREADS": str(threads)})
             rows.append({"threads": threads, **row} if "error" in row else row)
@@ -172,7 +172,7 @@ def determinism_matrix(model, model_source: str | None) -> dict:
 def _device_child(phase: str, device: str, tag: str, model_source: str | None, folder: str) -> dict:
     """In a fresh process on `device`: "encode" writes `tag`.diffo; "decode" decodes every stream in
     `folder`, saving its 8-bit pixels as <stream>.<tag>.npy, and returns the hashes of its symbols."""
-    from .hub import load_model
+    from ..hub import load_model
 
     model = load_model(model_source, device=device)
     out = Path(folder)
@@ -195,7 +195,7 @@ def device_matrix(model_source: str | None, devices: list[str]) -> dict:
     tags = [f"{i}-{d.replace(':', '')}" for i, d in enumerate(devices)]
 
     def each(phase: str, folder: str) -> list[dict]:
-        return [child.run_json(f"import json; from diffo.matrix import _device_child; print(json.dumps("
+        return [child.run_json(f"import json; from diffo.tools.matrix import _device_child; print(json.dumps("
                                f"_device_child({phase!r}, {d!r}, {t!r}, {model_source!r}, {folder!r})))")
                 for d, t in zip(devices, tags)]
 
@@ -222,7 +222,7 @@ def default_devices() -> list[str]:
 
 
 def run(model_source: str | None, devices: list[str] | None = None) -> dict:
-    from .hub import load_model
+    from ..hub import load_model
 
     model = load_model(model_source)
     devices = default_devices() if devices is None else devices

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from .bitstream import bits_per_pixel
-from .errors import OutputExistsError
+from ..bitstream import bits_per_pixel
+from ..errors import OutputExistsError
 from .figures import comparison_picture
-from .fileio import save_image_atomic, write_atomic
-from .extras import require
-from .image import load_image, psnr
+from ..fileio import save_image_atomic, write_atomic
+from ..extras import require
+from ..image import load_image, psnr
 
 
 def sample_photo() -> Path:
@@ -22,8 +22,8 @@ def sample_photo() -> Path:
 
 
 def run_demo(image: str | None, out_dir: Path, model_source: str | None, rates: list[float], force: bool) -> list[dict]:
-    from . import pipeline
-    from .hub import load_model
+    from .. import pipeline
+    from ..hub import load_model
 
     src = Path(image) if image else sample_photo()
     original = load_image(src)
@@ -59,8 +59,8 @@ EXAMPLE_BPP = 0.1
 def write_examples(out_dir: Path, model_source: str | None = None, force: bool = False) -> list[Path]:
     """The sample photo as `diffo_example.png` and its 0.1 bpp stream as `diffo_example.diffo`: the files the
     shipped workflows load from ComfyUI's input folder."""
-    from . import pipeline
-    from .hub import load_model
+    from .. import pipeline
+    from ..hub import load_model
 
     png, stream = out_dir / EXAMPLE_IMAGE, out_dir / EXAMPLE_STREAM
     existing = [p for p in (png, stream) if p.exists()]

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .extras import require
+from ..extras import require
 
 BLOCK = 96
-PARAMETERS = Path(__file__).with_name("data") / "niqe_modelparameters.mat"
+PARAMETERS = Path(__file__).resolve().parents[1] / "data" / "niqe_modelparameters.mat"
 _SHIFTS = ((0, 1), (1, 0), (1, 1), (-1, 1))  # (rows, cols) as MATLAB's circshift: right, down, down-right, down-left
 _GAMMAS = np.arange(0.2, 10.0005, 0.001)
 

@@ -1,0 +1,48 @@
+"""The model families and what they share.
+
+    base.py     CodecBase: folder format, safe loading, fingerprint, Hub upload, the pipeline's interface
+    diffo/      the DiffO family: our re-implementation, trained here (the embedded diffo-tiny, the `sd` scale)
+    osdiff/     the OSDiff family: the published OSDiff checkpoints, converted (`diffo convert osdiff`)
+
+Shared blocks stand apart: `diffo.entropy` (entropy models and coders), `diffo.layers` (exact convolutions),
+`diffo.tiling`, `diffo.bitstream` (the container). `load_codec(folder)` picks the family from config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..bitstream import FAMILY_NAMES
+from ..errors import ModelLoadError
+from .base import CONFIG_NAME, WEIGHTS_NAME, CodecBase, read_config
+
+__all__ = ["CodecBase", "FAMILY_NAMES", "load_codec", "codec_class", "CONFIG_NAME", "WEIGHTS_NAME", "DiffoCodec",
+           "OSDiffCodec"]
+
+
+def __getattr__(name):
+    if name in ("DiffoCodec", "OSDiffCodec"):
+        return _classes()[name]
+    raise AttributeError(f"module 'diffo.models' has no attribute {name!r}")
+
+
+def _classes() -> dict[str, type[CodecBase]]:
+    from .diffo import DiffoCodec
+    from .osdiff import OSDiffCodec
+
+    return {cls.__name__: cls for cls in (DiffoCodec, OSDiffCodec)}
+
+
+def codec_class(config: dict, folder: Path | str = "") -> type[CodecBase]:
+    """The family class a config.json names (`_class_name`; none means DiffO, as in the first releases)."""
+    name = config.get("_class_name") or "DiffoCodec"
+    classes = _classes()
+    if name not in classes:
+        raise ModelLoadError(f"{Path(folder) / CONFIG_NAME} describes a {name}, which is not a model family this "
+                             f"version of DiffO knows ({', '.join(classes)})")
+    return classes[name]
+
+
+def load_codec(folder: Path | str) -> CodecBase:
+    """Load the model in `folder`, whatever its family."""
+    return codec_class(read_config(Path(folder)), folder).from_dir(Path(folder))
