@@ -69,7 +69,8 @@ def analyse(model: CodecBase, image, drop_alpha: bool = False):
     return model.analyse(x, (h, w))
 
 
-def _container(model: CodecBase, enc, rate_q: int, strength: float | None, seed: int) -> bytes:
+def container(model: CodecBase, enc, rate_q: int, strength: float | None, seed: int) -> bytes:
+    """The `.diffo` bytes of an analysis at rate level `rate_q` (strength None: the model's choice for the rate)."""
     streams = model.streams(enc, rate_q)
     if strength is None:
         strength = model.strength_for_rate(dequantize_unit(rate_q))
@@ -133,7 +134,7 @@ def encode(model: CodecBase, image, *, rate: float | None = None, bpp: float | N
         if not model.has_rate_levels:
             q = 0  # one rate per checkpoint: every level is the same stream
         if q not in cache:
-            cache[q] = _container(model, enc, q, strength, int(seed))
+            cache[q] = container(model, enc, q, strength, int(seed))
             if on_step:
                 on_step()
         return cache[q]

@@ -7,6 +7,7 @@ from .decode import DiffOControl, DiffODecode, DiffOEntropyDecode, DiffOLatentTo
 from .encode import DiffOEncode
 from .files import DiffOLoadBitstream, DiffOSaveBitstream
 from .model import DiffOLoadModel
+from .osdiff import DiffOApplyToModel, DiffOCompressWithVAE, DiffOCropToOriginal, DiffOLoadCodec
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DiffOLoadModel": "DiffO Load Model",
@@ -21,7 +22,12 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DiffOCompare": "DiffO Compare",
     "DiffOClassicalCodec": "Classical Codec (DiffO)",
     "DiffORateSweep": "DiffO Rate Sweep",
+    "DiffOLoadCodec": "DiffO Load Codec (your checkpoint)",
+    "DiffOApplyToModel": "DiffO Apply to Model",
+    "DiffOCompressWithVAE": "DiffO Compress (your VAE)",
+    "DiffOCropToOriginal": "DiffO Crop to Original Size",
 }
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (
     DiffOLoadModel, DiffOEncode, DiffOSaveBitstream, DiffOLoadBitstream, DiffOEntropyDecode, DiffOControl,
-    DiffOOneStepDenoise, DiffOLatentToImage, DiffODecode, DiffOCompare, DiffOClassicalCodec, DiffORateSweep)}
+    DiffOOneStepDenoise, DiffOLatentToImage, DiffODecode, DiffOCompare, DiffOClassicalCodec, DiffORateSweep,
+    DiffOLoadCodec, DiffOApplyToModel, DiffOCompressWithVAE, DiffOCropToOriginal)}

@@ -43,8 +43,8 @@ def test_no_file_knows_both_families_internals():
     """Each family's modules live in its folder under diffo/models; the rest of the library (pipeline, hub, nodes,
     tools) reaches them through diffo.models (the registry and CodecBase). A file may know one family (the
     training command trains DiffO; the converter builds OSDiff), never both."""
-    families = {"diffo": re.compile(r"models\.diffo\.|from \.\.?diffo\.|models/diffo/"),
-                "osdiff": re.compile(r"models\.osdiff\.|from \.\.?osdiff\.|models/osdiff/")}
+    families = {"diffo": re.compile(r"models\.diffo\b|from \.diffo\b|models/diffo/"),
+                "osdiff": re.compile(r"models\.osdiff\b|from \.osdiff\b|models/osdiff/")}
     registry = ROOT / "diffo" / "models" / "__init__.py"
     for path in sorted((ROOT / "diffo").rglob("*.py")) + sorted((ROOT / "nodes").rglob("*.py")):
         if path == registry:

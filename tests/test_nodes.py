@@ -14,7 +14,7 @@ CORE_TYPES = {"IMAGE", "LATENT", "INT", "FLOAT", "STRING", "BOOLEAN"}
 
 
 def test_plugin_registers_every_node_with_its_web_extension(plugin):
-    assert len(plugin.NODE_CLASS_MAPPINGS) == 12
+    assert len(plugin.NODE_CLASS_MAPPINGS) == 16
     assert set(plugin.NODE_CLASS_MAPPINGS) == set(plugin.NODE_DISPLAY_NAME_MAPPINGS)
     assert (ROOT / plugin.WEB_DIRECTORY / "diffo.js").is_file()
     assert plugin.__name__ == str(ROOT).replace(".", "_x_")  # ComfyUI's module name, not 'diffo' or 'nodes'

@@ -33,7 +33,28 @@ CORE_NODES = {
     "LatentUpscaleBy": ([("samples", "LATENT", None), ("upscale_method", "COMBO", "nearest-exact"),
                          ("scale_by", "FLOAT", 1.5)], [("LATENT", "LATENT")]),
     "PreviewAny": ([("source", "*", None)], [("STRING", "STRING")]),
+    # the one-step decoder on the user's own SD checkpoint (these workflows run in a real ComfyUI only)
+    "CheckpointLoaderSimple": ([("ckpt_name", "COMBO", "v2-1_512-ema-pruned.safetensors")],
+                               [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "BasicScheduler": ([("model", "MODEL", None), ("scheduler", "COMBO", "simple"), ("steps", "INT", 1),
+                        ("denoise", "FLOAT", 1.0)], [("SIGMAS", "SIGMAS")]),
+    "KSamplerSelect": ([("sampler_name", "COMBO", "euler")], [("SAMPLER", "SAMPLER")]),
+    "BasicGuider": ([("model", "MODEL", None), ("conditioning", "CONDITIONING", None)], [("GUIDER", "GUIDER")]),
+    "SamplerCustomAdvanced": ([("noise", "NOISE", None), ("guider", "GUIDER", None), ("sampler", "SAMPLER", None),
+                               ("sigmas", "SIGMAS", None), ("latent_image", "LATENT", None)],
+                              [("output", "LATENT"), ("denoised_output", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT", None), ("vae", "VAE", None)], [("IMAGE", "IMAGE")]),
+    "CLIPTextEncode": ([("text", "STRING", ""), ("clip", "CLIP", None)], [("CONDITIONING", "CONDITIONING")]),
+    "KSampler": ([("model", "MODEL", None), ("seed", "INT", 0), ("control_after_generate", "COMBO", "fixed"),
+                  ("steps", "INT", 20), ("cfg", "FLOAT", 8.0), ("sampler_name", "COMBO", "euler"),
+                  ("scheduler", "COMBO", "normal"), ("positive", "CONDITIONING", None),
+                  ("negative", "CONDITIONING", None), ("latent_image", "LATENT", None), ("denoise", "FLOAT", 1.0)],
+                 [("LATENT", "LATENT")]),
 }
+# Workflows on the user's own SD checkpoint: the CI runner has no SD backbone; tests/test_comfyui.py runs them in
+# a real ComfyUI with a random-weight SD 2.1-base checkpoint.
+CHECKPOINT_WORKFLOWS = ("osdiff_compress_checkpoint", "osdiff_decompress_checkpoint", "osdiff_decode_refine")
+CODEC = "models/diffo/osdiff-lambda1"  # where the README converts the published checkpoint
 
 
 NODE_WIDTH, COLUMN_STEP = 270, 300
@@ -131,6 +152,27 @@ def build(spec: list[tuple[str, str, dict]], classes: dict) -> dict:
 
 
 IMAGE, STREAM = "diffo_example.png", "diffo_example.diffo"
+OSDIFF_STREAM = "osdiff_example.diffo"
+
+
+def one_step(stream: str) -> list[tuple[str, str, dict]]:
+    """Your checkpoint + the codec weights → the patched MODEL → one core sampling step → core VAE Decode."""
+    return [
+        ("checkpoint", "CheckpointLoaderSimple", {}),
+        ("codec", "DiffOLoadCodec", {"model": CODEC}),
+        ("stream", "DiffOLoadBitstream", {"bitstream_file": stream}),
+        ("apply", "DiffOApplyToModel", {"model": Out("checkpoint"), "diffo_codec": Out("codec"),
+                                        "bitstream": Out("stream")}),
+        ("sigmas", "BasicScheduler", {"model": Out("apply"), "scheduler": "simple", "steps": 1, "denoise": 1.0}),
+        ("sampler", "KSamplerSelect", {"sampler_name": "euler"}),
+        ("guider", "BasicGuider", {"model": Out("apply"), "conditioning": Out("apply", 1)}),
+        ("one_step", "SamplerCustomAdvanced", {"noise": Out("apply", 3), "guider": Out("guider"),
+                                               "sampler": Out("sampler"), "sigmas": Out("sigmas"),
+                                               "latent_image": Out("apply", 2)}),
+        ("vae_decode", "VAEDecode", {"samples": Out("one_step"), "vae": Out("checkpoint", 2)}),
+        ("crop", "DiffOCropToOriginal", {"image": Out("vae_decode"), "bitstream": Out("stream")}),
+    ]
+
 
 WORKFLOWS: dict[str, list[tuple[str, str, dict]]] = {
     # Load Image → Encode → Save Bitstream
@@ -202,6 +244,31 @@ WORKFLOWS: dict[str, list[tuple[str, str, dict]]] = {
         ("stitch", "ImageStitch", {"image1": Out("scale"), "image2": Out("decode")}),
         ("preview", "PreviewImage", {"images": Out("stitch")}),
         ("save", "SaveImage", {"images": Out("decode"), "filename_prefix": "diffo/core_chain"}),
+    ],
+    # OSDiff with your SD 2.1-base checkpoint: its VAE encodes, the codec weights code the latent
+    "osdiff_compress_checkpoint": [
+        ("image", "LoadImage", {"image": IMAGE}),
+        ("checkpoint", "CheckpointLoaderSimple", {}),
+        ("codec", "DiffOLoadCodec", {"model": CODEC}),
+        ("compress", "DiffOCompressWithVAE", {"image": Out("image"), "vae": Out("checkpoint", 2),
+                                              "diffo_codec": Out("codec")}),
+        ("save", "DiffOSaveBitstream", {"bitstream": Out("compress"), "filename_prefix": "diffo/osdiff"}),
+    ],
+    # OSDiff decoded by your checkpoint's UNet (patched) in one core sampling step, and core VAE Decode
+    "osdiff_decompress_checkpoint": one_step(OSDIFF_STREAM) + [
+        ("save", "SaveImage", {"images": Out("crop"), "filename_prefix": "diffo/osdiff_decompress"}),
+    ],
+    # ... then the LATENT refined by a core KSampler at low denoise on the unpatched MODEL (add a LoRA before it)
+    "osdiff_decode_refine": one_step(OSDIFF_STREAM) + [
+        ("prompt", "CLIPTextEncode", {"text": "a sharp, detailed photo", "clip": Out("checkpoint", 1)}),
+        ("negative", "CLIPTextEncode", {"text": "blurry", "clip": Out("checkpoint", 1)}),
+        ("refine", "KSampler", {"model": Out("checkpoint"), "seed": 0, "steps": 4, "cfg": 4.0,
+                                "sampler_name": "euler", "scheduler": "normal", "positive": Out("prompt"),
+                                "negative": Out("negative"), "latent_image": Out("one_step"), "denoise": 0.3}),
+        ("refine_decode", "VAEDecode", {"samples": Out("refine"), "vae": Out("checkpoint", 2)}),
+        ("refine_crop", "DiffOCropToOriginal", {"image": Out("refine_decode"), "bitstream": Out("stream")}),
+        ("stitch", "ImageStitch", {"image1": Out("crop"), "image2": Out("refine_crop")}),
+        ("save", "SaveImage", {"images": Out("stitch"), "filename_prefix": "diffo/osdiff_refine"}),
     ],
 }
 

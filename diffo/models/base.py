@@ -128,7 +128,7 @@ class CodecBase(ModelMixin, ConfigMixin):
         config = read_config(folder)
         if config.get("_class_name") not in (None, cls.__name__):
             raise ModelLoadError(f"{folder / CONFIG_NAME} describes a {config.get('_class_name')}, "
-                                 f"not a {cls.__name__}")
+                                 f"not a DiffO model ({cls.__name__})")
         try:
             model = cls.from_config(config)
             state = load_file(folder / WEIGHTS_NAME)
@@ -145,9 +145,9 @@ class CodecBase(ModelMixin, ConfigMixin):
         if missing or unexpected:
             raise ModelLoadError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
         bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-        if bad:
-            raise ModelLoadError(f"weights do not match the config: {bad[0]} is {tuple(state[bad[0]].shape)}, "
-                                 f"expected {tuple(own[bad[0]].shape)}")
+        if bad:  # a ValueError: from_dir says which folder
+            raise ValueError(f"weights do not match the config: {bad[0]} is {tuple(state[bad[0]].shape)}, "
+                             f"expected {tuple(own[bad[0]].shape)}")
         self.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
     def push_to_hub(self, repo_id: str, model_card: str | None = None, private: bool = False,
@@ -202,10 +202,15 @@ def public_config(config) -> dict:
 
 def fingerprint_of(config, state: dict) -> bytes:
     """SHA-256 over the canonical config and every stored tensor (name, dtype, shape, bytes); first 8 bytes."""
+    return fingerprint_stream(config, ((k, state[k]) for k in sorted(state)))
+
+
+def fingerprint_stream(config, items) -> bytes:
+    """`fingerprint_of` over (name, tensor) pairs given in sorted name order, one at a time (a file streamed)."""
     h = hashlib.sha256()
     h.update(json.dumps(public_config(config), sort_keys=True, default=str).encode())
-    for k in sorted(state):
-        v = state[k].detach().cpu().contiguous()
+    for k, v in items:
+        v = v.detach().cpu().contiguous()
         h.update(f"{k}|{v.dtype}|{tuple(v.shape)}".encode())
         h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.digest()[:8]

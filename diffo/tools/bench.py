@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from .. import child, pipeline
+from ..models.diffo.denoiser import ControlOutput
 from .demo import sample_photo
 from ..image import load_image
 
@@ -123,7 +124,7 @@ def multi_step_latent(model, c_hat: torch.Tensor, strength: float, seed: int, st
         tt = torch.full((1,), t, dtype=torch.long, device=c_hat.device)
         down, mid = den.controlnet(x, tt, encoder_hidden_states=den._prompt(1), controlnet_cond=c_hat,
                                    return_dict=False)
-        z0 = den.denoise(pipeline.ControlOutput(x, tt, c_hat, tuple(down), mid))
+        z0 = den.denoise(ControlOutput(x, tt, c_hat, tuple(down), mid))
         if t_prev == 0 or t == t_prev:
             x = z0 if t_prev == 0 else x
             continue

@@ -8,7 +8,8 @@
     ε̂ at t = 999 from pure noise x_T;  x̂0 = (x_T − √(1−ᾱ)·ε̂) / √ᾱ
 
 ControlNet-XS-like with control→base joins only (nothing flows back into the control branch), so the control
-features could be computed before the UNet runs; here both walk side by side. The blocks are diffusers'
+features are computed first (`control_features`) and added while the base UNet runs: here a diffusers UNet
+(`control_eps`), in ComfyUI the user's own MODEL through its patch hooks (nodes/osdiff.py). The blocks are diffusers'
 (`ResnetBlock2D`, `Transformer2DModel`, `Downsample2D`); the base UNet is a diffusers `UNet2DConditionModel`,
 walked block by block because the joins land inside its down and up blocks (diffusers' ControlNet residuals
 add to the skips only, which is not where CDDM adds them).
@@ -16,9 +17,11 @@ add to the skips only, which is not where CDDM adds them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.models.embeddings import TimestepEmbedding
+from diffusers.models.embeddings import TimestepEmbedding, get_timestep_embedding
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
@@ -126,31 +129,55 @@ def _base_input_blocks(unet: UNet2DConditionModel):
             yield list(block.downsamplers)
 
 
+@dataclass
+class ControlFeatures:
+    """What the control module adds to a base UNet at one (x_t, t): one residual per input block (after the
+    block, so also into its skip), one after the middle block, one per output block (before its skip-concat)."""
+
+    input: list[torch.Tensor]
+    middle: torch.Tensor
+    output: list[torch.Tensor]
+
+
+def control_features(cddm: CDDM, x_t: torch.Tensor, hint: torch.Tensor, timestep: torch.Tensor,
+                     context: torch.Tensor) -> ControlFeatures:
+    """The control branch alone (nothing flows back into it from the base UNet, so it runs first): its zero
+    convolutions' outputs, scaled, ready to add. `timestep` may be fractional (ComfyUI's sampling gives floats)."""
+    t_emb = get_timestep_embedding(timestep.reshape(-1).float(), cddm.time_embedding.linear_1.in_features,
+                                   flip_sin_to_cos=True, downscale_freq_shift=0).to(x_t.dtype)
+    if t_emb.shape[0] == 1 and x_t.shape[0] > 1:
+        t_emb = t_emb.expand(x_t.shape[0], -1)
+    emb = cddm.time_embedding(t_emb)
+    scales = cddm.scales.to(x_t.dtype)
+    h = torch.cat([x_t, hint.to(x_t.dtype)], 1)
+    feats = []
+    for k, parts in enumerate(cddm.input_blocks):
+        h = _run(parts, h, emb, context)
+        feats.append(h)
+    n_in = len(feats)
+    inputs = [cddm.enc_zero_convs[k](f) * scales[k] for k, f in enumerate(feats)]
+    h = _run(cddm.middle_block, h, emb, context)
+    middle = cddm.mid_zero_conv(h) * scales[n_in]
+    outputs = [cddm.dec_zero_convs[k](feats[n_in - 1 - k]) * scales[n_in + 1 + k] for k in range(n_in)]
+    return ControlFeatures(inputs, middle, outputs)
+
+
 def control_eps(unet: UNet2DConditionModel, cddm: CDDM, x_t: torch.Tensor, hint: torch.Tensor,
                 timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """The UNet's ε̂ at (x_t, timestep) under the control module's guidance by `hint`."""
-    t_emb = unet.time_proj(timestep).to(x_t.dtype)
-    emb_base = unet.time_embedding(t_emb)
-    emb_ctr = cddm.time_embedding(t_emb)
-    scales = iter(cddm.scales.to(x_t.dtype))
-    h, h_ctr = x_t, torch.cat([x_t, hint.to(x_t.dtype)], 1)
-    skips, ctr_feats = [], []
-    for k, (base_parts, ctr_parts) in enumerate(zip(_base_input_blocks(unet), cddm.input_blocks)):
-        h = _run(base_parts, h, emb_base, context)
-        h_ctr = _run(ctr_parts, h_ctr, emb_ctr, context)
-        h = h + cddm.enc_zero_convs[k](h_ctr) * next(scales)
+    feats = control_features(cddm, x_t, hint, timestep, context)
+    emb = unet.time_embedding(unet.time_proj(timestep).to(x_t.dtype))
+    h, skips = x_t, []
+    for k, parts in enumerate(_base_input_blocks(unet)):
+        h = _run(parts, h, emb, context) + feats.input[k]
         skips.append(h)
-        ctr_feats.append(h_ctr)
-    h = unet.mid_block(h, emb_base, encoder_hidden_states=context)
-    h_ctr = _run(cddm.middle_block, h_ctr, emb_ctr, context)
-    h = h + cddm.mid_zero_conv(h_ctr) * next(scales)
+    h = unet.mid_block(h, emb, encoder_hidden_states=context) + feats.middle
     k = 0
     for block in unet.up_blocks:
         attns = getattr(block, "attentions", None)
         for j, resnet in enumerate(block.resnets):
-            h = h + cddm.dec_zero_convs[k](ctr_feats.pop()) * next(scales)
-            h = torch.cat([h, skips.pop()], 1)
-            h = resnet(h, emb_base)
+            h = torch.cat([h + feats.output[k], skips.pop()], 1)
+            h = resnet(h, emb)
             if attns is not None:
                 h = attns[j](h, encoder_hidden_states=context, return_dict=False)[0]
             k += 1

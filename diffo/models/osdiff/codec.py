@@ -50,13 +50,53 @@ class OSDiffControl:
     cond: torch.Tensor  # the hint
 
 
-class OSDiffCodec(CodecBase):
-    """OSDiff: LFGCM latent codec + CDDM control module + SD 2.1-base UNet and VAE, one step at t = 999."""
+class OSDiffCoding:
+    """The entropy-coding stages of the OSDiff family, on `self.latent_codec` (an LFGCM): shared by the whole
+    model and by the codec-only parts that run on a user's own SD UNet and VAE (parts.py)."""
 
     family = "osdiff"
     family_id = 1
     format_version = 3
     has_rate_levels = False
+
+    def analyse(self, x: torch.Tensor, size: tuple[int, int]) -> OSDiffAnalysis:
+        latent = self.encode_latent(x.to(self.device)).float()
+        return OSDiffAnalysis(latent.to(next(self.latent_codec.parameters()).device), size)
+
+    def streams(self, enc: OSDiffAnalysis, rate_q: int, coder=None) -> tuple[bytes, ...]:
+        """(z, y): the one rate of this checkpoint, whatever `rate_q`."""
+        if coder is not None:
+            return self.latent_codec.compress(enc.latent, coder)[:2]
+        if enc.coded is None:
+            enc.coded = self.latent_codec.compress(enc.latent, RangeCoder())[:2]
+        return enc.coded
+
+    def check_streams(self, bs) -> None:
+        if len(bs.streams) != 2:
+            raise BitstreamError(f"an OSDiff stream holds 2 sub-streams (z, y), got {len(bs.streams)}")
+
+    def _z_shape(self, bs) -> tuple[int, int]:
+        m = self.config.pad_multiple
+        return -(-bs.height // m) * m // 64, -(-bs.width // m) * m // 64
+
+    def entropy_decode(self, bs, coder) -> torch.Tensor:
+        """The hint [1, 4, H/8, W/8] (padded size)."""
+        z, y = bs.streams
+        return self.latent_codec.decompress(z, y, self._z_shape(bs), coder)
+
+    def decode_symbols(self, bs, coder) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ẑ symbols [1, N, h, w], the ŷ symbols of every chunk in coding order, flat)."""
+        z, y = bs.streams
+        return self.latent_codec.decode_symbols(z, y, self._z_shape(bs), coder)
+
+
+
+    def strength_for_rate(self, rate: float) -> float:
+        return 1.0  # the one step starts from pure noise
+
+
+class OSDiffCodec(OSDiffCoding, CodecBase):
+    """OSDiff: LFGCM latent codec + CDDM control module + SD 2.1-base UNet and VAE, one step at t = 999."""
 
     @register_to_config
     def __init__(
@@ -89,40 +129,6 @@ class OSDiffCodec(CodecBase):
         a = torch.cumprod(1 - betas, 0)[timestep]
         self._x0_coefs = (float(torch.sqrt(1 / a)), float(torch.sqrt(1 / a - 1)))
 
-    # ----------------------------------------------------------------------------------- the stages
-    def analyse(self, x: torch.Tensor, size: tuple[int, int]) -> OSDiffAnalysis:
-        latent = self.encode_latent(x.to(self.device)).float()
-        return OSDiffAnalysis(latent.to(next(self.latent_codec.parameters()).device), size)
-
-    def streams(self, enc: OSDiffAnalysis, rate_q: int, coder=None) -> tuple[bytes, ...]:
-        """(z, y): the one rate of this checkpoint, whatever `rate_q`."""
-        if coder is not None:
-            return self.latent_codec.compress(enc.latent, coder)[:2]
-        if enc.coded is None:
-            enc.coded = self.latent_codec.compress(enc.latent, RangeCoder())[:2]
-        return enc.coded
-
-    def check_streams(self, bs) -> None:
-        if len(bs.streams) != 2:
-            raise BitstreamError(f"an OSDiff stream holds 2 sub-streams (z, y), got {len(bs.streams)}")
-
-    def _z_shape(self, bs) -> tuple[int, int]:
-        m = self.config.pad_multiple
-        return -(-bs.height // m) * m // 64, -(-bs.width // m) * m // 64
-
-    def entropy_decode(self, bs, coder) -> torch.Tensor:
-        """The hint [1, 4, H/8, W/8] (padded size)."""
-        z, y = bs.streams
-        return self.latent_codec.decompress(z, y, self._z_shape(bs), coder)
-
-    def decode_symbols(self, bs, coder) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ẑ symbols [1, N, h, w], the ŷ symbols of every chunk in coding order, flat)."""
-        z, y = bs.streams
-        return self.latent_codec.decode_symbols(z, y, self._z_shape(bs), coder)
-
-    def strength_for_rate(self, rate: float) -> float:
-        return 1.0  # the one step starts from pure noise
-
     def control(self, c_hat: torch.Tensor, strength: float, noise: torch.Tensor) -> OSDiffControl:
         """x_T is the noise itself (OSDiff starts from pure noise at t = 999; `strength` does not apply)."""
         t = torch.full((len(c_hat),), self.config.timestep, dtype=torch.long, device=c_hat.device)
@@ -143,5 +149,7 @@ class OSDiffCodec(CodecBase):
         """Build the entropy tables (CompressAI's construction: the `train` extra); done once, at conversion."""
         from ...training.entropy_models import build_tables
 
+        training = self.training
         build_tables(self.latent_codec, force=force)
+        self.train(training)  # table building switches to the training twins and back
         self._fingerprint = None

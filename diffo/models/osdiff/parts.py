@@ -1,0 +1,97 @@
+"""The codec's own weights of an OSDiff model folder, without Stable Diffusion's UNet and VAE: the latent codec,
+the control module and the empty-prompt embedding. For running the one step on a UNet and VAE the user already
+has loaded (ComfyUI's MODEL and VAE from its core Load Checkpoint: nodes/osdiff.py), so no second copy of the
+backbone is made. Only the tensors of those three parts are read from the safetensors file; the fingerprint (of
+the whole model, as in every stream it made) is computed by streaming the file one tensor at a time.
+
+    your VAE encoder ─ latent ×0.18215 ─ `compress(latent, size, seed)` ─ .diffo
+    .diffo ─ `diffo.pipeline.entropy_decode(parts, data)` ─ hint ─ `features(x_t, hint, t, prompt)` ─ your UNet
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...errors import ModelLoadError
+from ..base import CONFIG_NAME, WEIGHTS_NAME, fingerprint_stream, read_config
+from ..sd import SD21_BASE_UNET, SD21_VAE
+from .cddm import CDDM, ControlFeatures, control_features
+from .codec import OSDIFF_CONTROL, OSDiffAnalysis, OSDiffCodec, OSDiffCoding
+from .lfgcm import LFGCM
+
+PART_PREFIXES = ("latent_codec.", "control_module.", "prompt_embeds")
+
+
+class _Config(dict):
+    __getattr__ = dict.__getitem__
+
+
+class OSDiffCodecParts(OSDiffCoding, nn.Module):
+    """Latent codec + control module + prompt embedding of an OSDiff model folder (`from_dir`)."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        defaults = {k: v.default for k, v in __import__("inspect").signature(OSDiffCodec.__init__).parameters.items()
+                    if k != "self"}
+        self.config = _Config({**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}})
+        unet_config = dict(self.config.unet_config or SD21_BASE_UNET)
+        self.unet_config = unet_config
+        self.latent_scale = float((self.config.vae_config or SD21_VAE)["scaling_factor"])  # SD's 0.18215
+        self.latent_codec = LFGCM(**dict(self.config.latent_codec_config or {}))
+        self.control_module = CDDM(unet_config, **dict(self.config.control_config or OSDIFF_CONTROL))
+        self.register_buffer("prompt_embeds", torch.zeros(1, self.config.prompt_length,
+                                                          unet_config["cross_attention_dim"]))
+        self.fingerprint = b""
+
+    @classmethod
+    def from_dir(cls, folder: Path | str) -> "OSDiffCodecParts":
+        from safetensors import SafetensorError, safe_open
+
+        folder = Path(folder)
+        config = read_config(folder)
+        if config.get("_class_name") != OSDiffCodec.__name__:
+            raise ModelLoadError(f"{folder / CONFIG_NAME} describes a {config.get('_class_name')}, not an OSDiff "
+                                 "model: the codec weights for your own SD checkpoint come from an OSDiff model "
+                                 "folder (python -m diffo convert osdiff)")
+        parts = cls(config)
+        own = parts.state_dict()
+        state = {}
+
+        def tensors(f):  # every tensor once, in name order: the parts are kept, the rest only hashed
+            for key in sorted(f.keys()):
+                t = f.get_tensor(key)
+                if key.startswith(PART_PREFIXES):
+                    state[key] = t
+                yield key, t
+
+        try:
+            with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+                fingerprint = fingerprint_stream(parts.config, tensors(f))
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"cannot read {folder / WEIGHTS_NAME}: {e}") from e
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ModelLoadError(f"the codec weights in {folder} do not match its config: missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}")
+        for name, buf in list(parts.named_buffers()):  # CDF tables are sized by update(): take the stored shapes
+            if buf.shape != state[name].shape:
+                owner, _, attr = name.rpartition(".")
+                parts.get_submodule(owner)._buffers[attr] = torch.empty_like(state[name])
+        parts.load_state_dict({k: v.to(parts.state_dict()[k].dtype) for k, v in state.items()})
+        parts.fingerprint = fingerprint
+        return parts.eval().requires_grad_(False)
+
+    def compress(self, latent: torch.Tensor, size: tuple[int, int], seed: int = 0) -> bytes:
+        """A scaled SD latent [1, 4, h, w] (the image padded to a multiple of 64, then your VAE's encoder, ×
+        `latent_scale`) of an image of `size` (H, W) → `.diffo` bytes."""
+        from ... import pipeline
+
+        return pipeline.container(self, OSDiffAnalysis(latent.float().cpu(), size), 0, None, seed)
+
+    def features(self, x_t: torch.Tensor, hint: torch.Tensor, timestep: torch.Tensor,
+                 context: torch.Tensor) -> ControlFeatures:
+        """The control module's residuals for a base UNet at (x_t, timestep) (see cddm.control_features)."""
+        return control_features(self.control_module, x_t, hint, timestep, context)

@@ -1,0 +1,265 @@
+"""OSDiff on the user's own Stable Diffusion checkpoint: core `Load Checkpoint` gives MODEL and VAE; these nodes
+load only the codec's weights (latent codec, control module, empty-prompt embedding), patch the MODEL with the
+control module through ComfyUI's model hooks, and leave the one step to core sampling and the pixels to core VAE
+nodes, so the result is an SD LATENT that chains into any other node.
+
+    Load Checkpoint ─ MODEL ─┐
+    DiffO Load Codec ────────┼─ DiffO Apply to Model ─ MODEL, CONDITIONING, LATENT, NOISE ─ SamplerCustomAdvanced
+    DiffO Load Bitstream ────┘      (1 step: BasicScheduler simple/1, euler) ─ VAE Decode ─ DiffO Crop to Original
+
+Where the control module adds into the UNet (see diffo/models/osdiff/cddm.py): after each input block (the
+`input_block_patch` hook, so also into the skip), after the middle block (`middle_block_after_patch`), and into
+the hidden state before each output block's skip-concat (`output_block_patch`). ComfyUI's ControlNet
+`control['output']` adds to the skip instead, which is not where OSDiff adds, so the hooks are used. The control
+branch needs the UNet's input and timestep, so a UNet function wrapper computes it once per model call and hands
+the residuals to the hooks in `transformer_options`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..diffo import pipeline
+from ..diffo.models.osdiff.cddm import control_features
+from ..diffo.models.osdiff.parts import OSDiffCodecParts
+from . import comfy_env
+from .model import local_models
+from .types import BITSTREAM, Bitstreams, images_from_comfy
+
+CODEC = "DIFFO_CODEC"
+FEATURES_KEY = "diffo_osdiff_features"
+_CACHE: dict[str, OSDiffCodecParts] = {}
+
+
+def load_parts(folder: str) -> OSDiffCodecParts:
+    """The codec weights of an OSDiff folder, loaded once per process (like LoraLoader's one-slot cache)."""
+    if folder not in _CACHE:
+        _CACHE.clear()
+        _CACHE[folder] = OSDiffCodecParts.from_dir(folder)
+    return _CACHE[folder]
+
+
+def check_base_model(model, parts: OSDiffCodecParts) -> None:
+    """A clear error when the MODEL is not the SD 2.x-base UNet the codec was trained on."""
+    inner = getattr(model, "model", None)
+    cfg = dict(getattr(getattr(inner, "model_config", None), "unet_config", None) or {})
+    kind = getattr(getattr(inner, "model_type", None), "name", None)
+    want = parts.unet_config
+    expected = (f"an SD 2.x-base checkpoint (context width {want['cross_attention_dim']}, "
+                f"{want['block_out_channels'][0]} channels, epsilon prediction), e.g. v2-1_512-ema-pruned")
+    if not cfg:
+        raise ValueError(f"this MODEL is not a UNet checkpoint ComfyUI loaded; OSDiff needs {expected}")
+    problems = []
+    if cfg.get("context_dim") != want["cross_attention_dim"]:
+        problems.append(f"prompt width {cfg.get('context_dim')} (SD 1.x: 768; SDXL: 2048)")
+    if cfg.get("model_channels") != want["block_out_channels"][0] or cfg.get("adm_in_channels") is not None:
+        problems.append(f"{cfg.get('model_channels')} channels{' and a class embedding (SDXL)' if cfg.get('adm_in_channels') else ''}")
+    if kind != "EPS":
+        problems.append(f"{kind} prediction (the 768 px SD 2.1 is v-prediction; the base is epsilon)")
+    if problems:
+        raise ValueError(f"this MODEL is not the base OSDiff was trained on: {', '.join(problems)}; load {expected} "
+                         "with Load Checkpoint")
+
+
+class StreamNoise:
+    """Core sampling's NOISE (like RandomNoise) with the stream's decoder seed: the same x_T as the library draws."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        samples = input_latent["samples"]
+        return torch.randn(samples.size(), dtype=torch.float32, generator=torch.Generator("cpu").manual_seed(self.seed),
+                           device="cpu").to(samples.dtype)
+
+
+class OSDiffPatch:
+    """The hooks that add the control module's residuals to a ComfyUI UNet (see the module docstring)."""
+
+    def __init__(self, parts: OSDiffCodecParts, hint: torch.Tensor, model_sampling):
+        self.parts, self.hint, self.model_sampling = parts, hint, model_sampling
+        self._control = None  # the control module on the device and dtype of the first call
+
+    def _control_on(self, device, dtype):
+        c = self._control
+        if c is None or next(c.parameters()).device != device or next(c.parameters()).dtype != dtype:
+            import copy
+
+            c = self._control = copy.deepcopy(self.parts.control_module).to(device=device, dtype=dtype)
+        return c
+
+    def unet_wrapper(self, apply_model, args):
+        x, sigma, c = args["input"], args["timestep"], args["c"]
+        xc = self.model_sampling.calculate_input(sigma, x)
+        t = self.model_sampling.timestep(sigma).float()
+        context = c.get("c_crossattn")
+        if tuple(x.shape[-2:]) != tuple(self.hint.shape[-2:]):
+            raise ValueError(f"the LATENT being sampled is {tuple(x.shape[-2:])} (latent units) but the stream's hint is "
+                             f"{tuple(self.hint.shape[-2:])}: sample the LATENT that DiffO Apply to Model gives")
+        dtype = context.dtype if context is not None and context.is_floating_point() else x.dtype
+        control = self._control_on(x.device, dtype)
+        hint = self.hint.to(x.device, dtype).expand(x.shape[0], -1, -1, -1)
+        with torch.no_grad():
+            feats = control_features(control, xc.to(dtype), hint, t.to(x.device), context.to(x.device, dtype))
+        options = dict(c.get("transformer_options", {}))
+        options[FEATURES_KEY] = feats
+        return apply_model(x, sigma, **{**c, "transformer_options": options})
+
+    @staticmethod
+    def input_patch(h, transformer_options):
+        feats = transformer_options.get(FEATURES_KEY)
+        if feats is None:
+            return h
+        return h + feats.input[transformer_options["block"][1]].to(h.dtype)
+
+    @staticmethod
+    def middle_patch(args):
+        feats = args["transformer_options"].get(FEATURES_KEY)
+        if feats is None:
+            return args
+        return {**args, "h": args["h"] + feats.middle.to(args["h"].dtype)}
+
+    @staticmethod
+    def output_patch(h, hsp, transformer_options):
+        feats = transformer_options.get(FEATURES_KEY)
+        if feats is None:
+            return h, hsp
+        return h + feats.output[transformer_options["block"][1]].to(h.dtype), hsp
+
+
+def apply_to_model(model, parts: OSDiffCodecParts, hint: torch.Tensor):
+    """A clone of the ComfyUI MODEL with the control module hooked in; the original is untouched."""
+    check_base_model(model, parts)
+    patched = model.clone()
+    patch = OSDiffPatch(parts, hint, patched.get_model_object("model_sampling"))
+    patched.set_model_unet_function_wrapper(patch.unet_wrapper)
+    patched.set_model_input_block_patch(patch.input_patch)
+    patched.set_model_patch(patch.middle_patch, "middle_block_after_patch")
+    patched.set_model_output_block_patch(patch.output_patch)
+    return patched
+
+
+def _one_stream(bitstream: Bitstreams) -> bytes:
+    if len(bitstream) != 1:
+        raise ValueError(f"DiffO Apply to Model decodes one stream at a time, got {len(bitstream)}: use one Load "
+                         "Bitstream per image")
+    return bitstream[0]
+
+
+class DiffOLoadCodec:
+    DESCRIPTION = ("Loads only the codec weights of an OSDiff model folder (latent codec, control module, prompt "
+                   "embedding), for running it on the Stable Diffusion checkpoint you load with Load Checkpoint: "
+                   "no second copy of the UNet or VAE.")
+    CATEGORY = "DiffO/your checkpoint"
+    SEARCH_ALIASES = ["osdiff codec", "diffo codec weights", "codec for checkpoint"]
+    RETURN_TYPES = (CODEC,)
+    RETURN_NAMES = ("diffo_codec",)
+    OUTPUT_TOOLTIPS = ("The codec weights; connect to DiffO Apply to Model and DiffO Compress (your VAE).",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        comfy_env.register_model_folder()
+        return {"required": {"model": (sorted(local_models()) or ["(no model folder in models/diffo)"], {
+            "tooltip": "An OSDiff model folder in ComfyUI/models/diffo/ (python -m diffo convert osdiff writes "
+                       "one). Only its codec weights are read."})}}
+
+    def load(self, model):
+        folders = local_models()
+        if model not in folders:
+            raise ValueError(f"{model} is not in ComfyUI/models/diffo/: convert an OSDiff checkpoint into that "
+                             "folder first (python -m diffo convert osdiff), then refresh the node (press r)")
+        return (load_parts(folders[model]),)
+
+
+class DiffOApplyToModel:
+    DESCRIPTION = ("Decodes a .diffo stream to OSDiff's hint and patches your SD 2.1-base MODEL with the control "
+                   "module. Sample the LATENT with core sampling in one step (BasicScheduler: simple, 1 step; "
+                   "euler) and the NOISE given here (the stream's seed), then VAE Decode.")
+    CATEGORY = "DiffO/your checkpoint"
+    SEARCH_ALIASES = ["osdiff model patch", "diffo control model", "one step decode checkpoint"]
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "LATENT", "NOISE")
+    RETURN_NAMES = ("model", "positive", "latent", "noise")
+    OUTPUT_TOOLTIPS = ("Your MODEL with the control module hooked in (the input MODEL is unchanged).",
+                       "The empty prompt OSDiff was trained with (stored with the codec; no CLIP needed).",
+                       "The empty LATENT to sample (the stream's padded size).",
+                       "The start noise from the stream's decoder seed.")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "Your SD 2.1-base MODEL from Load Checkpoint (512 px, epsilon)."}),
+            "diffo_codec": (CODEC, {"tooltip": "From DiffO Load Codec."}),
+            "bitstream": (BITSTREAM, {"tooltip": "One .diffo stream made by this codec (DiffO Load Bitstream)."}),
+        }}
+
+    def apply(self, model, diffo_codec, bitstream):
+        bs, hint = pipeline.entropy_decode(diffo_codec, _one_stream(bitstream))
+        patched = apply_to_model(model, diffo_codec, hint.float().cpu())
+        latent = {"samples": torch.zeros((1, *hint.shape[1:]))}
+        return (patched, [[diffo_codec.prompt_embeds.clone(), {}]], latent, StreamNoise(bs.seed))
+
+
+class DiffOCompressWithVAE:
+    DESCRIPTION = ("Compresses images with OSDiff's latent codec, encoding them with your checkpoint's VAE "
+                   "(from Load Checkpoint) instead of a second copy.")
+    CATEGORY = "DiffO/your checkpoint"
+    SEARCH_ALIASES = ["osdiff compress", "diffo encode vae", "compress with checkpoint"]
+    RETURN_TYPES = (BITSTREAM,)
+    RETURN_NAMES = ("bitstream",)
+    OUTPUT_TOOLTIPS = ("One .diffo stream per image (format 3, OSDiff).",)
+    FUNCTION = "compress"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Images to compress (RGB)."}),
+            "vae": ("VAE", {"tooltip": "Your SD 2.1-base VAE from Load Checkpoint."}),
+            "diffo_codec": (CODEC, {"tooltip": "From DiffO Load Codec."}),
+            "decoder_seed": ("INT", {"default": 0, "min": 0, "max": 2**32 - 1,
+                                     "tooltip": "Seed of the decoder's start noise, stored in the stream."}),
+        }}
+
+    def compress(self, image, vae, diffo_codec, decoder_seed):
+        from ..diffo.image import pad_to_multiple
+
+        out = Bitstreams()
+        for img in images_from_comfy(image):
+            h, w = img.shape[-2:]
+            pipeline.check_size(h, w)
+            x, _ = pad_to_multiple(img[None], diffo_codec.config.pad_multiple)
+            raw = vae.encode(x.permute(0, 2, 3, 1))  # ComfyUI's VAE: [B, H, W, C] in, latent in its own units out
+            out.append(diffo_codec.compress(raw.float().cpu() * diffo_codec.latent_scale, (h, w), decoder_seed))
+            comfy_env.check_interrupt()
+        return (out,)
+
+
+class DiffOCropToOriginal:
+    DESCRIPTION = "Crops decoded images to the size stored in their .diffo streams (the codec pads to 64 pixels)."
+    CATEGORY = "DiffO/your checkpoint"
+    SEARCH_ALIASES = ["diffo crop", "remove padding"]
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The images at their original size.",)
+    FUNCTION = "crop"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Decoded images (e.g. from VAE Decode)."}),
+            "bitstream": (BITSTREAM, {"tooltip": "The streams they were decoded from (one, or one per image)."}),
+        }}
+
+    def crop(self, image, bitstream):
+        heads = [pipeline.read_header(b) for b in bitstream]
+        if len(heads) not in (1, image.shape[0]):
+            raise ValueError(f"{len(heads)} streams for {image.shape[0]} images: give one stream, or one per image")
+        sizes = {(h.height, h.width) for h in heads}
+        if len(sizes) != 1:
+            raise ValueError("the streams have different sizes: crop them with separate nodes")
+        height, width = sizes.pop()
+        if image.shape[1] < height or image.shape[2] < width:
+            raise ValueError(f"the images are {image.shape[2]}x{image.shape[1]}, smaller than the stream's "
+                             f"{width}x{height}: decode the LATENT DiffO Apply to Model gave, without resizing")
+        return (image[:, :height, :width, :],)
