@@ -146,7 +146,7 @@ def test_checkpoint_workflows_run_in_real_comfyui(tmp_path):
 
     from diffo import pipeline
     from diffo.hub import load_model
-    from diffo.image import load_image, to_pil, to_uint8
+    from diffo.image import load_image, to_pil
     from diffo.tools.demo import sample_photo
 
     models = tmp_path / "models"
@@ -162,7 +162,8 @@ def test_checkpoint_workflows_run_in_real_comfyui(tmp_path):
     to_pil(photo).save(inputs / "diffo_example.png")
     stream = pipeline.encode(model, photo, rate=1.0, seed=3)
     (inputs / "osdiff_example.diffo").write_bytes(stream)
-    library = to_uint8(pipeline.decode(model, stream)).permute(1, 2, 0).numpy()
+    # ComfyUI's Save Image truncates to 8 bits (np.clip(255 * x).astype(uint8)); compare like with like
+    library = (pipeline.decode(model, stream) * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
     plugin = _clean_copy(tmp_path / "ComfyUI-DiffO")
     workflows = tmp_path / "workflows"
@@ -190,7 +191,8 @@ def test_checkpoint_workflows_run_in_real_comfyui(tmp_path):
         assert not w["missing_node_types"], (name, w["missing_node_types"])
         assert w["ok"], (name, w["status"], w["error"])
     assert "osdiff_00001.diffo" in json.dumps(results["osdiff_compress_checkpoint"]["ui_outputs"])
-    (png,) = [Path(f) for f in results["osdiff_decompress_checkpoint"]["outputs"] if str(f).endswith(".png")]
+    (png,) = [Path(o["copied_to"]) for o in results["osdiff_decompress_checkpoint"]["outputs"]
+              if o["filename"].endswith(".png")]
     with Image.open(png) as im:
         comfy_pixels = np.asarray(im.convert("RGB")).astype(np.int16)
     assert comfy_pixels.shape == library.shape
@@ -198,5 +200,5 @@ def test_checkpoint_workflows_run_in_real_comfyui(tmp_path):
     print(f"ComfyUI one step vs library decode: max {diff.max()} levels, mean {diff.mean():.4f}")
     (report_dir / "equivalence.json").write_text(json.dumps({"max_levels": int(diff.max()),
                                                              "mean_levels": float(diff.mean())}))
-    assert diff.max() <= 2 and diff.mean() < 0.1
+    assert diff.max() <= 2 and diff.mean() < 0.05
     assert proc.returncode == 0, summary

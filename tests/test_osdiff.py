@@ -454,3 +454,16 @@ def test_the_gpu_bench_script_runs_on_the_cpu_at_tiny_size():
                      tiled=(128, 256))
     assert r["decode_s"] > 0 and r["encode_s"] > 0 and r["2_step_decode_s"] > 0 and r["tiled"]["decode_s"] > 0
     assert r["decode_speedup"] > 0 and r["image"] == "128x128"
+
+
+def test_loading_and_decoding_under_inference_mode(converted):
+    """ComfyUI runs nodes under torch.inference_mode(): tensors made there have no version counter."""
+    from diffo import pipeline
+    from diffo.models import load_codec
+    from diffo.models.osdiff.parts import OSDiffCodecParts
+
+    with torch.inference_mode():
+        model = load_codec(converted)
+        parts = OSDiffCodecParts.from_dir(converted)
+        data = pipeline.encode(model, torch.rand(3, 64, 64), rate=1.0)
+        assert torch.equal(pipeline.entropy_decode(parts, data)[1], pipeline.entropy_decode(model, data)[1])

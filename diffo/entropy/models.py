@@ -62,7 +62,7 @@ class TableEntropyModel(nn.Module):
         if self._quantized_cdf.numel() == 0:
             raise ValueError(f"{type(self).__name__}: entropy tables are not built (run update() when finalising)")
         # in-place loads (load_state_dict) keep the storage but bump the version
-        key = tuple((b.data_ptr(), b._version) for b in (self._quantized_cdf, self._cdf_length, self._offset))
+        key = tuple((b.data_ptr(), _version(b)) for b in (self._quantized_cdf, self._cdf_length, self._offset))
         if self._tables is None or self._tables[0] != key:
             self._tables = (key, CdfTables.from_buffers(self._quantized_cdf, self._cdf_length, self._offset))
         return self._tables[1]
@@ -95,6 +95,15 @@ class TableEntropyModel(nn.Module):
                           coder: SymbolCoder) -> torch.Tensor:
         """symbols + means, in the dtype of `means`: CompressAI's `decompress(strings, indexes, means=means)`."""
         return self.decompress_symbols(strings, indexes, coder).to(means.device, means.dtype) + means
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter; inference-mode tensors (ComfyUI runs nodes under torch.inference_mode) have
+    none, and cannot be changed in place outside inference mode: their storage identifies them."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 class CategoricalPrior(TableEntropyModel):
