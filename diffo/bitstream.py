@@ -14,7 +14,7 @@ CRC-32 trailer. All integers are little-endian::
      18     2  rate level, q/65535 (uint16)
      20     2  decode noise strength, q/65535 (uint16)
      22     4  noise seed (uint32)
-     26     1  number of sub-streams n (1 without residual, 3 with)
+     26     1  number of sub-streams n (DiffO: 1 without residual, 3 with; OSDiff: 2)
      27   var  n lengths, unsigned LEB128 varints (1..4 bytes each, minimally encoded)
     ...   sum  the sub-streams: DiffO: base indices, then (with residual) hyper z, then residual y;
                OSDiff: hyper z, then y (all ten slices, in the decoder's order)

@@ -28,9 +28,25 @@ def _model(args):
 EXIT_SOME_FAILED = 1  # a collection finished, but some files failed (each is named in the summary)
 
 
+def _check_rate_given(args) -> None:
+    """One of --rate/--bpp/--max-bytes, unless the model has a single rate (OSDiff checkpoints): read from the
+    model folder's config.json, before anything heavy is imported."""
+    if args.rate is not None or args.bpp is not None or args.max_bytes is not None:
+        return
+    from .hub import resolve_model_dir
+    from .models.base import read_config
+
+    config = read_config(resolve_model_dir(getattr(args, "model", None)))
+    if config.get("_class_name") == "OSDiffCodec":
+        args.rate = 0.0  # chooses nothing: each checkpoint has one rate
+        return
+    raise DiffoError("give one of --rate, --bpp or --max-bytes (this model has rate levels)")
+
+
 def cmd_compress(args) -> int:
     from .collection import is_batch
 
+    _check_rate_given(args)
     if is_batch(args.input, args.output):
         return _collection(args, "compress")
     src = Path(args.input[0])
@@ -278,16 +294,23 @@ def cmd_convert(args) -> int:
             raise DiffoError(f"--{what} {path} does not exist")
     from .models.osdiff.convert import convert_osdiff
 
+    if out.exists() and not out.is_dir():
+        raise DiffoError(f"{out} is a file; --out names the model folder to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old = out.parent / f".{out.name}.replaced"
     try:
         model = convert_osdiff(args.checkpoint, args.base, tmp, name=args.name)
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # --force: the old folder is set aside until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
         tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)  # the conversion failed after setting the old folder aside: put it back
     print(f"{out}: {model.config.name}, fingerprint {model.fingerprint.hex()}; use it with --model {out}")
     return 0
 
@@ -329,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input", nargs="+", help="an image; or " + batch_help)
     c.add_argument("-o", "--output", help="output .diffo (default: INPUT with .diffo suffix), or the output folder")
     c.add_argument("--model", default=None, help=model_help)
-    g = c.add_mutually_exclusive_group(required=True)
+    g = c.add_mutually_exclusive_group()  # one is required for models with rate levels (checked before loading)
     g.add_argument("--rate", type=float, help="rate level in [0, 1] (0 = structural base code only)")
     g.add_argument("--bpp", type=float, help="target bits per pixel (file size, header included)")
     g.add_argument("--max-bytes", type=int, help="largest file size allowed, in bytes")

@@ -187,13 +187,26 @@ def load_model(source: str | Path | None = None, revision: str | None = None, *,
             except (RuntimeError, AttributeError, OSError) as e:  # e.g. weight shapes that do not fit config.json
                 raise ModelLoadError(f"cannot load the DiffO model in {folder}: {type(e).__name__}: {e}") from e
             model.eval().requires_grad_(False)
-            # nn.Module.to: diffusers' ModelMixin.to warns about dtype casts meant for its own loaders
-            torch.nn.Module.to(model, device=dev, dtype=dtype)
-            model.latent_codec.to(torch.float32)
+            place(model, dev, dtype)
             _CACHE[key] = model
             logger.info("loaded DiffO model %r from %s (fingerprint %s) on %s as %s",
                         model.config.name, folder, model.fingerprint.hex(), dev, dtype)
     return model
+
+
+def place(model, device, dtype) -> None:
+    """Move `model` to `device` and its float networks to `dtype`, never casting the latent codec: its exact
+    layers need every bit of their float32 weights (casting to float16 and back would round them, and the copy
+    would code other symbols than the file's weights, under the same fingerprint)."""
+    import torch
+
+    torch.nn.Module.to(model, device=device)  # nn.Module.to: diffusers' ModelMixin.to warns about dtype casts
+    for name, child in model.named_children():
+        if name != "latent_codec":
+            torch.nn.Module.to(child, dtype=dtype)
+    for name, buf in list(model._buffers.items()):
+        if buf is not None and buf.is_floating_point():
+            model._buffers[name] = buf.to(dtype)
 
 
 def clear_cache() -> None:

@@ -146,7 +146,8 @@ def encode(model: CodecBase, image, *, rate: float | None = None, bpp: float | N
         q = _search(build, lambda b: len(b) <= max_bytes)
         if len(build(q)) > max_bytes:
             raise ValueError(f"cannot fit this {w}x{h} image in {max_bytes} bytes: the smallest stream "
-                             f"(base code only) takes {len(build(0))} bytes")
+                             f"({'base code only' if model.has_rate_levels else 'the one rate of this model'}) "
+                             f"takes {len(build(0))} bytes")
         return build(q)
     target = bpp * h * w / 8
     q = _search(build, lambda b: len(b) <= target)
@@ -199,6 +200,7 @@ def decode_symbols(model: CodecBase, data: bytes) -> tuple[torch.Tensor | None, 
     machine (the determinism checks hash these). DiffO: (base indices, residual ŷ or None); OSDiff: (ẑ symbols,
     ŷ symbols)."""
     bs = read_header(data)
+    check_model(model, bs)
     return model.decode_symbols(bs, coder_for_format(bs.format_version))
 
 

@@ -76,8 +76,9 @@ class StreamNoise:
 class OSDiffPatch:
     """The hooks that add the control module's residuals to a ComfyUI UNet (see the module docstring)."""
 
-    def __init__(self, parts: OSDiffCodecParts, hint: torch.Tensor, model_sampling):
-        self.parts, self.hint, self.model_sampling = parts, hint, model_sampling
+    def __init__(self, parts: OSDiffCodecParts, hint: torch.Tensor, patched, previous_wrapper=None):
+        self.parts, self.hint, self.patched = parts, hint, patched
+        self.previous_wrapper = previous_wrapper  # another node's UNet wrapper: still called, after ours
         self._control = None  # the control module on the device and dtype of the first call
 
     def _control_on(self, device, dtype):
@@ -90,8 +91,9 @@ class OSDiffPatch:
 
     def unet_wrapper(self, apply_model, args):
         x, sigma, c = args["input"], args["timestep"], args["c"]
-        xc = self.model_sampling.calculate_input(sigma, x)
-        t = self.model_sampling.timestep(sigma).float()
+        sampling = self.patched.get_model_object("model_sampling")  # now: a later node may have replaced it
+        xc = sampling.calculate_input(sigma, x)
+        t = sampling.timestep(sigma).float()
         context = c.get("c_crossattn")
         if tuple(x.shape[-2:]) != tuple(self.hint.shape[-2:]):
             raise ValueError(f"the LATENT being sampled is {tuple(x.shape[-2:])} (latent units) but the stream's hint is "
@@ -103,7 +105,10 @@ class OSDiffPatch:
             feats = control_features(control, xc.to(dtype), hint, t.to(x.device), context.to(x.device, dtype))
         options = dict(c.get("transformer_options", {}))
         options[FEATURES_KEY] = feats
-        return apply_model(x, sigma, **{**c, "transformer_options": options})
+        c = {**c, "transformer_options": options}
+        if self.previous_wrapper is not None:
+            return self.previous_wrapper(apply_model, {**args, "c": c})
+        return apply_model(x, sigma, **c)
 
     @staticmethod
     def input_patch(h, transformer_options):
@@ -131,7 +136,7 @@ def apply_to_model(model, parts: OSDiffCodecParts, hint: torch.Tensor):
     """A clone of the ComfyUI MODEL with the control module hooked in; the original is untouched."""
     check_base_model(model, parts)
     patched = model.clone()
-    patch = OSDiffPatch(parts, hint, patched.get_model_object("model_sampling"))
+    patch = OSDiffPatch(parts, hint, patched, patched.model_options.get("model_function_wrapper"))
     patched.set_model_unet_function_wrapper(patch.unet_wrapper)
     patched.set_model_input_block_patch(patch.input_patch)
     patched.set_model_patch(patch.middle_patch, "middle_block_after_patch")
@@ -195,7 +200,8 @@ class DiffOApplyToModel:
         }}
 
     def apply(self, model, diffo_codec, bitstream):
-        bs, hint = pipeline.entropy_decode(diffo_codec, _one_stream(bitstream))
+        with pipeline.reproducible():  # g_s is a float network: the same hint for any thread count
+            bs, hint = pipeline.entropy_decode(diffo_codec, _one_stream(bitstream))
         patched = apply_to_model(model, diffo_codec, hint.float().cpu())
         latent = {"samples": torch.zeros((1, *hint.shape[1:]))}
         return (patched, [[diffo_codec.prompt_embeds.clone(), {}]], latent, StreamNoise(bs.seed))

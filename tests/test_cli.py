@@ -109,6 +109,12 @@ def test_rate_modes_are_exclusive(capsys, png):
         main(["compress", str(png), "--rate", "0.1", "--bpp", "0.1"])
 
 
+def test_a_model_with_rate_levels_needs_a_rate_mode(capsys, png, tmp_path):
+    code, _, err = run(capsys, "compress", png, "-o", tmp_path / "x.diffo")
+    _assert_one_line_error(code, err, "give one of --rate, --bpp or --max-bytes")
+    assert not (tmp_path / "x.diffo").exists()
+
+
 def test_demo_writes_streams_pictures_and_refuses_to_overwrite(capsys, png, model_dir, tmp_path):
     out = tmp_path / "demo"
     code, text, _ = run(capsys, "demo", "--image", png, "--model", model_dir, "--out", out, "--rates", "0,1")

@@ -421,3 +421,26 @@ def test_comfyui_loader_node_reads_a_hub_repo_from_the_offline_cache(offline_cac
     assert by_branch is by_commit and by_branch.fingerprint == model.fingerprint
     with pytest.raises(plugin.diffo.errors.ModelLoadError, match="someone/absent"):
         loader().load(hub_entry, "someone/absent", "", "cpu", "float32")
+
+
+def test_half_precision_loading_keeps_the_latent_codec_bit_exact(tiny_model, tmp_path):
+    """load_model(dtype=float16) casts the float networks only: a float16 round trip would round the exact
+    layers' float32 weights (and the entropy medians), and the copy would code other symbols than the file's
+    weights under the same fingerprint."""
+    import torch
+
+    from diffo import pipeline
+    from diffo.hub import clear_cache, load_model
+
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    full = {k: v for k, v in tiny_model.latent_codec.state_dict().items()}
+    assert any(v.is_floating_point() and not torch.equal(v.half().float(), v) for v in full.values())
+    clear_cache()
+    half = load_model(folder, dtype=torch.float16)
+    assert half.vae.dtype == torch.float16
+    for k, v in half.latent_codec.state_dict().items():
+        assert v.dtype == full[k].dtype and torch.equal(v, full[k]), k
+    data = pipeline.encode(tiny_model, torch.rand(3, 32, 48), rate=0.7)
+    assert all(torch.equal(a, b) for a, b in zip(pipeline.decode_symbols(half, data),
+                                                 pipeline.decode_symbols(tiny_model, data)) if a is not None)
+    clear_cache()

@@ -189,7 +189,8 @@ def test_cli_round_trip_and_the_header_names_the_family(converted, tmp_path, cap
     img = load_file(FIXTURE / "reference.safetensors")["image"][0]
     src = tmp_path / "in.png"
     to_pil(img).save(src)
-    assert cli.main(["compress", str(src), "-o", str(tmp_path / "a.diffo"), "--rate", "1", "--model", str(converted)]) == 0
+    # one rate per checkpoint: no rate mode needed
+    assert cli.main(["compress", str(src), "-o", str(tmp_path / "a.diffo"), "--model", str(converted)]) == 0
     assert cli.main(["info", str(tmp_path / "a.diffo")]) == 0
     info = capsys.readouterr().out
     assert re.search(r"family: OSDiff\n", info) and re.search(r"format_version: 3\n", info)
@@ -467,3 +468,33 @@ def test_loading_and_decoding_under_inference_mode(converted):
         parts = OSDiffCodecParts.from_dir(converted)
         data = pipeline.encode(model, torch.rand(3, 64, 64), rate=1.0)
         assert torch.equal(pipeline.entropy_decode(parts, data)[1], pipeline.entropy_decode(model, data)[1])
+
+
+def test_eval_runs_the_osdiff_model(converted, tmp_path):
+    """`diffo eval --model OSDIFF_FOLDER`: one rate per checkpoint, so every bpp target gives the same point."""
+    pytest.importorskip("pytorch_msssim", reason="SKIPPED LOUDLY: eval's metrics need the eval extra")
+    from diffo.image import to_pil
+    from diffo.tools import evaluation
+
+    images = tmp_path / "images"
+    images.mkdir()
+    to_pil(torch.rand(3, 64, 96)).save(images / "a.png")
+    ev = evaluation.Evaluation(images=evaluation.list_images(images), bpps=[0.05, 0.1], codecs=["diffo"],
+                               out=tmp_path / "run", model_source=str(converted), save_images=False)
+    rows = [r for r in evaluation.run(ev) if r["codec"] == "diffo"]
+    assert len(rows) == 2 and rows[0]["bpp"] == rows[1]["bpp"] > 0 and (tmp_path / "run" / "summary.md").is_file()
+
+
+def test_a_weight_outside_the_exact_grid_is_an_error_naming_it(tmp_path):
+    from diffo.errors import ModelLoadError
+
+    key = "preprocess_model.entropy_parameters_anchor.0.fusion.0.weight"
+    folder = write_official_files(tmp_path, lambda s: s[key].view(-1).__setitem__(0, 9.5))
+    with pytest.raises(ModelLoadError, match=r"entropy_parameters_anchor\.0\.0\.weight holds a value of 9\.5"):
+        _convert(folder)
+
+
+def test_codec_parts_refuse_a_latent_of_the_wrong_size(plugin, converted):
+    parts = plugin.nodes.osdiff.OSDiffCodecParts.from_dir(converted)
+    with pytest.raises(ValueError, match=r"must be \[1, 4, 8, 16\]"):
+        parts.compress(torch.zeros(1, 4, 8, 12), (64, 96))  # not padded to 64: would not decode

@@ -1,11 +1,11 @@
 """Symbol coders: integer symbols, each with the index of its CDF table, to bytes and back.
 
 A coder codes from the exact integer CDF tables a model stores (`CdfTables`, 16-bit precision, built once
-by `update()` at training time), so encoder and decoder agree on every machine. Two coders exist, one per
-`.diffo` format version (docs/bitstream.md):
+by `update()` at training time), so encoder and decoder agree on every machine. Two coders exist (docs/bitstream.md):
 
-- format 2, `RangeCoder` (the default, every writer): constriction's range coder (Rust, wheels for
-  Windows, macOS and Linux on every supported Python).
+- formats 2 and 3, `RangeCoder`: constriction's range coder (Rust, wheels for Windows, macOS and Linux on every
+  supported Python); DiffO models write format 2, OSDiff models format 3, whose sub-streams may hold several
+  chunks coded one after the other (`encode_chunks`, `chunk_decoder`).
 - format 1, `CompressAIRansCoder`: CompressAI's rANS coder, kept only so that format-1 files still decode
   where CompressAI is installed; elsewhere it fails with a message saying so.
 

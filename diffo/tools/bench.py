@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from .. import child, pipeline
+from ..hub import place
 from ..models.diffo.denoiser import ControlOutput
 from .demo import sample_photo
 from ..image import load_image
@@ -339,8 +340,7 @@ def bench_sd(repeats: int, force: bool) -> dict:
         model.update()  # a random model's entropy tables: CompressAI builds them
     except MissingExtraError as e:
         return {"skipped": str(e)}
-    torch.nn.Module.to(model, device=device, dtype=dtype)
-    model.latent_codec.to(torch.float32)
+    place(model, device, dtype)
     h, w = BENCH_SIZE
     data = pipeline.encode(model, bench_image(h, w), rate=0.5)
 

@@ -16,6 +16,7 @@ import platform
 import torch
 
 from .. import pipeline
+from ..hub import place
 from ..models import OSDiffCodec
 from .bench import BENCH_SIZE, _sync, bench_image, median_time
 
@@ -30,8 +31,7 @@ def random_osdiff(device: torch.device, dtype: torch.dtype, config: dict | None 
             if p.abs().max() == 0:
                 p.normal_(0, 0.02)
     model.update()
-    torch.nn.Module.to(model, device=device, dtype=dtype)
-    model.latent_codec.to(torch.float32)
+    place(model, device, dtype)
     return model
 
 

@@ -132,12 +132,14 @@ class OSDiffCodec(OSDiffCoding, CodecBase):
     def control(self, c_hat: torch.Tensor, strength: float, noise: torch.Tensor) -> OSDiffControl:
         """x_T is the noise itself (OSDiff starts from pure noise at t = 999; `strength` does not apply)."""
         t = torch.full((len(c_hat),), self.config.timestep, dtype=torch.long, device=c_hat.device)
-        return OSDiffControl(noise.to(c_hat.device, self.dtype), t, c_hat.to(self.dtype))
+        # x_T stays float32: x̂0 multiplies it by ~14.6 (see denoise); the UNet gets the model's dtype
+        return OSDiffControl(noise.to(c_hat.device, torch.float32), t, c_hat.to(self.dtype))
 
     def eps(self, ctrl: OSDiffControl) -> torch.Tensor:
         """The UNet's noise prediction ε̂ under the control module."""
-        prompt = self.prompt_embeds.to(ctrl.x_t.dtype).expand(len(ctrl.x_t), -1, -1)
-        return control_eps(self.unet, self.control_module, ctrl.x_t, ctrl.cond, ctrl.timestep, prompt)
+        x_t = ctrl.x_t.to(self.dtype)
+        prompt = self.prompt_embeds.to(self.dtype).expand(len(x_t), -1, -1)
+        return control_eps(self.unet, self.control_module, x_t, ctrl.cond.to(self.dtype), ctrl.timestep, prompt)
 
     def denoise(self, ctrl: OSDiffControl) -> torch.Tensor:
         """x̂0 = (x_T − √(1−ᾱ)·ε̂)/√ᾱ, with float32 coefficients as the reference applies them."""

@@ -61,10 +61,13 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise ModelLoadError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # files in the legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses anything but tensors and plain containers
-        if isinstance(e, (FileNotFoundError, IsADirectoryError)):
-            raise
         raise ModelLoadError(
             f"{path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:300]}). DiffO reads "
             "checkpoints with torch.load(weights_only=True), which refuses files that would run code while "
@@ -77,9 +80,8 @@ def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def load_base(base: Path) -> dict[str, torch.Tensor]:
-    """SD 2.1-base in original (single-file) key names, from a single file or a diffusers folder (whose
-    components are renamed back to... no: returned as diffusers components under 'unet.', 'vae.',
-    'text_encoder.' prefixes)."""
+    """SD 2.1-base's tensors: a single file in its original key names, or a diffusers folder's components under
+    'unet.', 'vae.' and 'text_encoder.' prefixes."""
     base = Path(base)
     if base.is_dir():
         from safetensors.torch import load_file
@@ -236,7 +238,11 @@ def convert_osdiff(checkpoint: Path | str, base: Path | str, out: Path | str | N
     base_state = load_base(base)
     # the checkpoint's own base tensors win, as in the reference's loader (sd.update(checkpoint))
     carried = {k: v for k, v in official.items() if k.startswith(BASE_PREFIXES[:2])}
-    merged = {**base_state, **carried} if not any(k.startswith("unet.") for k in base_state) else base_state
+    if carried and any(k.startswith("unet.") for k in base_state):
+        raise ModelLoadError(f"{checkpoint.name} carries {len(carried)} UNet/VAE tensors of its own, which replace "
+                             "the base's (as the reference's loader does): give the SD 2.1-base single file "
+                             "(.safetensors/.ckpt) as --base, not a diffusers folder, so that they can be merged")
+    merged = {**base_state, **carried}
     kwargs = dict(name=name or f"osdiff-{checkpoint.stem}")
     kwargs.update(config or {})
     if config is None:
@@ -272,6 +278,7 @@ def convert_osdiff(checkpoint: Path | str, base: Path | str, out: Path | str | N
     _check_scale_table(official, want["latent_codec.gaussian_conditional.scale_table"])
     _check_exact("converted OSDiff model", {k: tuple(v.shape) for k, v in want.items()}, state)
     model.load_state_dict({k: v.to(want[k].dtype) for k, v in state.items()})
+    _check_grid_range(model)
     model.eval()
     model.update()
     if out is not None:
@@ -283,6 +290,21 @@ def convert_osdiff(checkpoint: Path | str, base: Path | str, out: Path | str | N
             {"checkpoint": checkpoint.name, "base": base.name, "ignored_tensors": len(ignored),
              "config": public_config(model.config)}, indent=1, default=str))
     return model
+
+
+def _check_grid_range(model: OSDiffCodec) -> None:
+    """The exact layers clamp weights to the grid's range: a published weight outside it would silently change the
+    model, so it is an error naming the tensor."""
+    from ...layers import FineExactConv2d, FineExactConvTranspose2d
+
+    for name, m in model.latent_codec.named_modules():
+        if isinstance(m, (FineExactConv2d, FineExactConvTranspose2d)):
+            g = m.grid
+            for what, t, limit in (("weight", m.weight, g.weight_limit), ("bias", m.bias, g.act_limit)):
+                if t is not None and float(t.abs().max()) > limit:
+                    raise ModelLoadError(f"latent_codec.{name}.{what} holds a value of {float(t.abs().max()):.4g}, "
+                                         f"outside the exact grid's range ±{limit:g}: this converter cannot keep "
+                                         "the entropy coding exact for this checkpoint (please report it)")
 
 
 def _check_scale_table(official: dict, ours: torch.Tensor) -> None:

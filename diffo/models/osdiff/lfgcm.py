@@ -98,8 +98,9 @@ def anchor_mask(h: int, w: int, device=None) -> torch.Tensor:
 
 
 class LFGCM(nn.Module):
-    """The latent codec. `compress(latent) -> (z_string, y_string, z_shape)`,
-    `decompress(z_string, y_string, z_shape) -> hint`; `forward` is not provided (no training here)."""
+    """The latent codec. `compress(latent, coder) -> (z_string, y_string, z_shape)`,
+    `decompress(z_string, y_string, z_shape, coder) -> hint` (`coder`: the format's SymbolCoder); `forward` is not
+    provided (no training here)."""
 
     downsampling_factor = 64  # image pixels per z position (the SD VAE's 8 × 8 here)
 
@@ -185,7 +186,8 @@ class LFGCM(nn.Module):
     @torch.no_grad()
     def decode_y(self, z_string: bytes, y_string: bytes, z_shape: tuple[int, int], coder: SymbolCoder
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The strings → (ŷ [1, M, 4h, 4w] in float64, the integer symbols of each chunk in coding order)."""
+        """The strings → (ŷ [1, M, 4h, 4w], float64 on the exact path; the integer symbols of each chunk in coding
+        order)."""
         z_hat = self.entropy_bottleneck.decompress([z_string], tuple(z_shape), coder)
         hyper = self.hyper_parameters(z_hat.to(self.h_s[0].weight.device))
         reader = coder.chunk_decoder(y_string, self.gaussian_conditional.tables())

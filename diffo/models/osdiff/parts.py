@@ -34,9 +34,11 @@ class OSDiffCodecParts(OSDiffCoding, nn.Module):
 
     def __init__(self, config: dict):
         super().__init__()
-        defaults = {k: v.default for k, v in __import__("inspect").signature(OSDiffCodec.__init__).parameters.items()
-                    if k != "self"}
-        self.config = _Config({**defaults, **{k: v for k, v in config.items() if not k.startswith("_")}})
+        import inspect
+
+        # as OSDiffCodec.from_config reads it: the constructor's arguments, defaults filled in, nothing else
+        params = {k: v.default for k, v in inspect.signature(OSDiffCodec.__init__).parameters.items() if k != "self"}
+        self.config = _Config({**params, **{k: v for k, v in config.items() if k in params}})
         unet_config = dict(self.config.unet_config or SD21_BASE_UNET)
         self.unet_config = unet_config
         self.latent_scale = float((self.config.vae_config or SD21_VAE)["scaling_factor"])  # SD's 0.18215
@@ -80,7 +82,12 @@ class OSDiffCodecParts(OSDiffCoding, nn.Module):
             if buf.shape != state[name].shape:
                 owner, _, attr = name.rpartition(".")
                 parts.get_submodule(owner)._buffers[attr] = torch.empty_like(state[name])
-        parts.load_state_dict({k: v.to(parts.state_dict()[k].dtype) for k, v in state.items()})
+        own = parts.state_dict()
+        bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+        if bad:
+            raise ModelLoadError(f"the codec weights in {folder} do not match its config: {bad[0]} is "
+                                 f"{tuple(state[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}")
+        parts.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
         parts.fingerprint = fingerprint
         return parts.eval().requires_grad_(False)
 
@@ -89,6 +96,12 @@ class OSDiffCodecParts(OSDiffCoding, nn.Module):
         `latent_scale`) of an image of `size` (H, W) → `.diffo` bytes."""
         from ... import pipeline
 
+        h, w = size
+        m = self.config.pad_multiple
+        want = (-(-h // m) * m // 8, -(-w // m) * m // 8)
+        if tuple(latent.shape[-2:]) != want or latent.shape[:2] != (1, self.latent_codec.g_a[0].conv1.in_channels):
+            raise ValueError(f"the latent of a {w}x{h} image padded to a multiple of {m} must be [1, 4, {want[0]}, "
+                             f"{want[1]}], got {list(latent.shape)}")
         return pipeline.container(self, OSDiffAnalysis(latent.float().cpu(), size), 0, None, seed)
 
     def features(self, x_t: torch.Tensor, hint: torch.Tensor, timestep: torch.Tensor,
