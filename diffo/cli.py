@@ -33,11 +33,13 @@ def _check_rate_given(args) -> None:
     model folder's config.json, before anything heavy is imported."""
     if args.rate is not None or args.bpp is not None or args.max_bytes is not None:
         return
-    from .hub import resolve_model_dir
-    from .models.base import read_config
+    from .hub import resolve_model_dir  # light: no torch yet
 
-    config = read_config(resolve_model_dir(getattr(args, "model", None)))
-    if config.get("_class_name") == "OSDiffCodec":
+    try:
+        config = json.loads((resolve_model_dir(getattr(args, "model", None)) / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        config = {}  # loading the model will say what is wrong with it
+    if isinstance(config, dict) and config.get("_class_name") == "OSDiffCodec":
         args.rate = 0.0  # chooses nothing: each checkpoint has one rate
         return
     raise DiffoError("give one of --rate, --bpp or --max-bytes (this model has rate levels)")
