@@ -2,11 +2,14 @@
 
     1. check inputs         image → RGB [3,H,W] in [0,1]; size within the format's limits
     2. pad                  replicate-pad to the model's multiple (cropped away after decoding)
-    3. analysis             VAE encoder → latent; base code once (it is the same for every rate level)
-    4. rate                 the given level, or a bisection over the 16-bit level for a bpp / byte target
+    3. analysis             the family's `analyse`: VAE encoder → latent (DiffO: and its base code, the same for
+                            every rate level)
+    4. rate                 the given level, or a bisection over the 16-bit level for a bpp / byte target (a
+                            family with one rate per model, OSDiff, codes once whatever is asked)
     5. container            header + sub-streams + CRC (bitstream.py); bpp = 8 × len(bytes) / (H × W)
-Decoding reverses it: container → fingerprint check → entropy decode (ĉ) → control → one-step denoise →
-VAE decoder → crop. Images are decoded one at a time, so a batch gives the same pixels as single calls.
+Decoding reverses it: container → family and fingerprint check → entropy decode (c_hat: DiffO's ĉ, OSDiff's hint)
+→ control → one-step denoise → VAE decoder → crop. Images are decoded one at a time, so a batch gives the same
+pixels as single calls. The families' steps are reached through `diffo.models.CodecBase` only.
 """
 
 from __future__ import annotations
