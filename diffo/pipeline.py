@@ -26,6 +26,7 @@ from .bitstream import MAX_PIXELS, MAX_SIDE, Bitstream, bits_per_pixel, dequanti
 from .entropy import coder_for_format
 from .errors import BitstreamError, DiffoError, ImageInputError, ModelMismatchError
 from .image import crop_to, load_image, pad_to_multiple
+from . import models
 from .models import FAMILY_NAMES, CodecBase
 
 MAX_RATE_Q = 65535  # the highest rate level (a uint16 in the container)
@@ -41,8 +42,7 @@ def latent_valid(h: int, w: int) -> tuple[int, int]:
 
 def padded_latent_shape(model: CodecBase, h: int, w: int) -> tuple[int, int]:
     """The latent size the codec works on: the image padded to the model's multiple, over 8."""
-    m = model.config.pad_multiple
-    return -(-h // m) * m // 8, -(-w // m) * m // 8
+    return models.padded_latent_shape(h, w, model.config.pad_multiple)
 
 
 def _as_image(image, drop_alpha: bool = False) -> torch.Tensor:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from ..bitstream import FAMILY_NAMES
 from ..errors import ModelLoadError
-from .base import CONFIG_NAME, WEIGHTS_NAME, CodecBase, read_config
+from .base import CONFIG_NAME, WEIGHTS_NAME, CodecBase, padded_latent_shape, read_config
 
-__all__ = ["CodecBase", "FAMILY_NAMES", "load_codec", "codec_class", "CONFIG_NAME", "WEIGHTS_NAME", "DiffoCodec",
+__all__ = ["CodecBase", "FAMILY_NAMES", "padded_latent_shape", "load_codec", "codec_class", "CONFIG_NAME", "WEIGHTS_NAME", "DiffoCodec",
            "OSDiffCodec"]
 
 

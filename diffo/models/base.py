@@ -173,6 +173,11 @@ class CodecBase(ModelMixin, ConfigMixin):
         return self._fingerprint
 
 
+def padded_latent_shape(h: int, w: int, multiple: int) -> tuple[int, int]:
+    """The latent size a codec works on: an H x W image padded to `multiple` pixels, over the VAE's factor 8."""
+    return -(-h // multiple) * multiple // 8, -(-w // multiple) * multiple // 8
+
+
 def read_config(folder: Path) -> dict:
     """The config.json of a model folder, after refusing pickle weight files and incomplete folders."""
     folder = Path(folder)

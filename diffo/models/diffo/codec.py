@@ -23,7 +23,7 @@ from ...tiling import configure_vae
 from .denoiser import ControlOutput, OneStepDenoiser
 from ...errors import BitstreamError
 from ..sd import SD21_UNET, SD21_VAE
-from ..base import CONFIG_NAME, WEIGHTS_NAME, CodecBase, fingerprint_of, public_config
+from ..base import CONFIG_NAME, WEIGHTS_NAME, CodecBase, fingerprint_of, padded_latent_shape, public_config
 from .latent_codec import MAX_RATE_Q, DiffoLatentCodec, ResidualAnalysis
 from ...layers import use_contiguous_group_norm, zero_module
 from .noise import check_noise_map, strength_for_rate, timestep_for_strength
@@ -197,8 +197,7 @@ class DiffoCodec(CodecBase):
             raise BitstreamError(f"a DiffO stream holds 1 sub-stream (base) or 3 (base, z, y), got {len(bs.streams)}")
 
     def _latent_shape(self, bs) -> tuple[int, int]:
-        m = self.config.pad_multiple
-        return -(-bs.height // m) * m // 8, -(-bs.width // m) * m // 8
+        return padded_latent_shape(bs.height, bs.width, self.config.pad_multiple)
 
     def entropy_decode(self, bs, coder) -> torch.Tensor:
         return self.latent_codec.decompress([bs.streams], self._latent_shape(bs), bs.rate_q,

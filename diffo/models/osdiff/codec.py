@@ -23,7 +23,7 @@ from ...entropy import RangeCoder
 from ...errors import BitstreamError
 from ...layers import use_contiguous_group_norm
 from ...tiling import configure_vae
-from ..base import CodecBase
+from ..base import CodecBase, padded_latent_shape
 from ..sd import SD21_BASE_UNET, SD21_VAE
 from .cddm import CDDM, control_eps
 from .lfgcm import LFGCM
@@ -76,8 +76,8 @@ class OSDiffCoding:
             raise BitstreamError(f"an OSDiff stream holds 2 sub-streams (z, y), got {len(bs.streams)}")
 
     def _z_shape(self, bs) -> tuple[int, int]:
-        m = self.config.pad_multiple
-        return -(-bs.height // m) * m // 64, -(-bs.width // m) * m // 64
+        h, w = padded_latent_shape(bs.height, bs.width, self.config.pad_multiple)
+        return h // 8, w // 8  # z is at 1/8 of the latent
 
     def entropy_decode(self, bs, coder) -> torch.Tensor:
         """The hint [1, 4, H/8, W/8] (padded size)."""

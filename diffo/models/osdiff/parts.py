@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ...errors import ModelLoadError
-from ..base import CONFIG_NAME, WEIGHTS_NAME, fingerprint_stream, read_config
+from ...entropy import resize_table_buffers
+from ..base import CONFIG_NAME, WEIGHTS_NAME, fingerprint_stream, padded_latent_shape, read_config
 from ..sd import SD21_BASE_UNET, SD21_VAE
 from .cddm import CDDM, ControlFeatures, control_features
 from .codec import OSDIFF_CONTROL, OSDiffAnalysis, OSDiffCodec, OSDiffCoding
@@ -78,10 +79,7 @@ class OSDiffCodecParts(OSDiffCoding, nn.Module):
         if missing or unexpected:
             raise ModelLoadError(f"the codec weights in {folder} do not match its config: missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]}")
-        for name, buf in list(parts.named_buffers()):  # CDF tables are sized by update(): take the stored shapes
-            if buf.shape != state[name].shape:
-                owner, _, attr = name.rpartition(".")
-                parts.get_submodule(owner)._buffers[attr] = torch.empty_like(state[name])
+        resize_table_buffers(parts, state)  # CDF tables are sized by update(): take the stored shapes
         own = parts.state_dict()
         bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
         if bad:
@@ -98,7 +96,7 @@ class OSDiffCodecParts(OSDiffCoding, nn.Module):
 
         h, w = size
         m = self.config.pad_multiple
-        want = (-(-h // m) * m // 8, -(-w // m) * m // 8)
+        want = padded_latent_shape(h, w, m)
         if tuple(latent.shape[-2:]) != want or latent.shape[:2] != (1, self.latent_codec.g_a[0].conv1.in_channels):
             raise ValueError(f"the latent of a {w}x{h} image padded to a multiple of {m} must be [1, 4, {want[0]}, "
                              f"{want[1]}], got {list(latent.shape)}")
