@@ -325,8 +325,11 @@ def cmd_train(args) -> int:
         raise DiffoError(f"{out} holds a training checkpoint: pass --resume to continue it, or choose another --out")
     cfg = TrainConfig(config=args.config, sd_path=args.sd, init=args.init, mixed_precision=args.mixed_precision,
                       data=args.data, out=str(out),
-                      minutes={"vae": args.minutes_vae, "codec": args.minutes_codec, "denoiser": args.minutes_denoiser},
-                      steps={"vae": args.steps, "codec": args.steps, "denoiser": args.steps})
+                      stages=args.stages.split(",") if args.stages else None, noise_criterion=args.noise_criterion,
+                      lambda_max=args.lambda_max,
+                      minutes={"vae": args.minutes_vae, "decoder": args.minutes_decoder, "codec": args.minutes_codec,
+                               "denoiser": args.minutes_denoiser, "realism": args.minutes_realism},
+                      steps={k: args.steps for k in ("vae", "decoder", "codec", "denoiser", "realism")})
     folder = train(cfg)
     print(f"model saved to {folder}")
     return 0
@@ -483,6 +486,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes-vae", type=float, default=18)
     t.add_argument("--minutes-codec", type=float, default=10)
     t.add_argument("--minutes-denoiser", type=float, default=14)
+    t.add_argument("--minutes-decoder", type=float, default=20)
+    t.add_argument("--minutes-realism", type=float, default=40)
+    t.add_argument("--lambda-max", type=float, default=4.0,
+                   help="codec stage: distortion weight at the top rate level (higher: the top level spends more bits)")
+    t.add_argument("--noise-criterion", choices=["haarpsi", "strongest"], default="haarpsi",
+                   help="noise map: best held-out HaarPSI per rate, or the strongest noise within 0.3 dB of the "
+                        "no-denoise PSNR (for a model trained with the realism stage)")
+    t.add_argument("--stages", default=None, help="comma-separated stages to run (default: all): vae, latents, "
+                   "decoder, codec, denoiser, realism, noise, final; skipping the first ones needs --init")
     t.set_defaults(func=cmd_train)
     return p
 

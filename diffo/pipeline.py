@@ -117,6 +117,12 @@ def encode(model: CodecBase, image, *, rate: float | None = None, bpp: float | N
     `strength` overrides the model's rate → noise map; `seed` seeds the decoder's noise; `drop_alpha`
     composites a transparent image onto white instead of refusing it. `on_step` is called after each coded
     rate level (up to SEARCH_STEPS of them)."""
+    check_rate_arguments(rate, bpp, max_bytes, seed, strength)  # before the (slow) analysis
+    return encode_analysis(model, analyse(model, image, drop_alpha), rate=rate, bpp=bpp, max_bytes=max_bytes,
+                           seed=seed, strength=strength, on_step=on_step)
+
+
+def check_rate_arguments(rate, bpp, max_bytes, seed, strength) -> None:
     given = [k for k, v in (("rate", rate), ("bpp", bpp), ("max_bytes", max_bytes)) if v is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of rate, bpp, max_bytes (got {given or 'none'})")
@@ -124,13 +130,21 @@ def encode(model: CodecBase, image, *, rate: float | None = None, bpp: float | N
         raise ValueError(f"seed must be in 0..2^32-1, got {seed}")
     if strength is not None:
         quantize_unit(strength)  # validates
-    # check the rate arguments before the (slow) analysis
-    rate_q = quantize_unit(rate) if rate is not None else None
+    if rate is not None:
+        quantize_unit(rate)
     if max_bytes is not None and (int(max_bytes) != max_bytes or max_bytes < 1):
         raise ValueError(f"max_bytes must be a positive integer, got {max_bytes}")
     if bpp is not None and not (0 < bpp < float("inf")):
         raise ValueError(f"bpp must be a positive number, got {bpp}")
-    enc = analyse(model, image, drop_alpha)
+
+
+def encode_analysis(model, enc, *, rate: float | None = None, bpp: float | None = None,
+                    max_bytes: int | None = None, seed: int = 0, strength: float | None = None,
+                    on_step: Step | None = None) -> bytes:
+    """`encode` from a family's analysis (`enc`: what `model.analyse` gives, or the codec-only parts' analysis
+    of a latent made by another VAE): the rate level, bpp or size search and the container."""
+    check_rate_arguments(rate, bpp, max_bytes, seed, strength)
+    rate_q = quantize_unit(rate) if rate is not None else None
     cache: dict[int, bytes] = {}
 
     def build(q: int) -> bytes:

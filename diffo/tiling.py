@@ -31,7 +31,7 @@ def configure_vae(vae) -> None:
     vae.tile_overlap_factor = TILE_OVERLAP
 
 
-def _spans(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+def spans(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     if n <= tile:
         return [(0, n)]
     stride = tile - overlap
@@ -41,7 +41,7 @@ def _spans(n: int, tile: int, overlap: int) -> list[tuple[int, int]]:
 
 def latent_windows(h: int, w: int, tile: int = TILE_LATENT, overlap: int = OVERLAP_LATENT) -> list[Window]:
     """Row-major windows covering an h x w latent (one window when it fits in a tile)."""
-    return [(slice(y0, y1), slice(x0, x1)) for y0, y1 in _spans(h, tile, overlap) for x0, x1 in _spans(w, tile, overlap)]
+    return [(slice(y0, y1), slice(x0, x1)) for y0, y1 in spans(h, tile, overlap) for x0, x1 in spans(w, tile, overlap)]
 
 
 def _ramp(start: int, stop: int, n: int, overlap: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from .decode import DiffOControl, DiffODecode, DiffOEntropyDecode, DiffOLatentTo
 from .encode import DiffOEncode
 from .files import DiffOLoadBitstream, DiffOSaveBitstream
 from .model import DiffOLoadModel
-from .osdiff import DiffOApplyToModel, DiffOCompressWithVAE, DiffOCropToOriginal, DiffOLoadCodec
+from .checkpoint import DiffOApplyToModel, DiffOCompressWithVAE, DiffOCropToOriginal, DiffOLoadCodec
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DiffOLoadModel": "DiffO Load Model",

@@ -302,121 +302,27 @@ def test_golden_format3_stream_decodes_to_the_recorded_symbols(model):
 
 
 # ----------------------------------------------------------------------------------- your own checkpoint (nodes)
-class FakeModelSampling:
-    """ComfyUI's EPS model sampling for SD (discrete, scaled linear), enough for one step from sigma_max."""
-
-    def __init__(self):
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-        ac = torch.cumprod(1 - betas, 0)
-        self.sigmas = ((1 - ac) / ac).sqrt().float()
-
-    def calculate_input(self, sigma, x):
-        return x / (sigma ** 2 + 1) ** 0.5
-
-    def timestep(self, sigma):
-        return (self.sigmas - sigma.reshape(-1, 1)).abs().argmin(dim=1).float()
-
-
-class FakeModelPatcher:
-    """The ModelPatcher methods the nodes use; `sample_one_step` walks a diffusers UNet the way ComfyUI's LDM UNet
-    calls its hooks (transformer_options["block"], input/middle/output patches), then one Euler step."""
-
-    def __init__(self, unet, unet_config):
-        from types import SimpleNamespace as NS
-
-        self.unet, self.model_options = unet, {"transformer_options": {}}
-        self.model = NS(model_type=NS(name="EPS"), model_config=NS(unet_config={
-            "context_dim": unet_config["cross_attention_dim"], "model_channels": unet_config["block_out_channels"][0],
-            "adm_in_channels": None}))
-        self.sampling = FakeModelSampling()
-
-    def clone(self):
-        c = FakeModelPatcher.__new__(FakeModelPatcher)
-        c.__dict__.update(self.__dict__)
-        c.model_options = {"transformer_options": {"patches": {}}}
-        return c
-
-    def get_model_object(self, name):
-        assert name == "model_sampling"
-        return self.sampling
-
-    def set_model_unet_function_wrapper(self, fn):
-        self.model_options["model_function_wrapper"] = fn
-
-    def set_model_patch(self, fn, name):
-        self.model_options["transformer_options"]["patches"].setdefault(name, []).append(fn)
-
-    def set_model_input_block_patch(self, fn):
-        self.set_model_patch(fn, "input_block_patch")
-
-    def set_model_output_block_patch(self, fn):
-        self.set_model_patch(fn, "output_block_patch")
-
-    def _diffusion_model(self, xc, t, context, transformer_options):
-        from diffo.models.osdiff.cddm import _base_input_blocks, _run
-
-        u, patches = self.unet, transformer_options["patches"]
-        emb = u.time_embedding(u.time_proj(t).to(xc.dtype))
-        h, hs = xc, []
-        for i, parts in enumerate(_base_input_blocks(u)):
-            transformer_options["block"] = ("input", i)
-            h = _run(parts, h, emb, context)
-            for p in patches.get("input_block_patch", []):
-                h = p(h, transformer_options)
-            hs.append(h)
-        h = u.mid_block(h, emb, encoder_hidden_states=context)
-        for p in patches.get("middle_block_after_patch", []):
-            h = p({"h": h, "transformer_options": transformer_options})["h"]
-        k = 0
-        for block in u.up_blocks:
-            attns = getattr(block, "attentions", None)
-            for j, resnet in enumerate(block.resnets):
-                transformer_options["block"] = ("output", k)
-                hsp = hs.pop()
-                for p in patches.get("output_block_patch", []):
-                    h, hsp = p(h, hsp, transformer_options)
-                h = resnet(torch.cat([h, hsp], 1), emb)
-                if attns is not None:
-                    h = attns[j](h, encoder_hidden_states=context, return_dict=False)[0]
-                k += 1
-            if block.upsamplers is not None:
-                for up in block.upsamplers:
-                    h = up(h, output_size=hs[-1].shape[-2:] if hs else None)
-        return u.conv_out(u.conv_act(u.conv_norm_out(h)))
-
-    def sample_one_step(self, latent, positive, noise):
-        """Core sampling's path at max denoise: x = noise·√(1+σ²), ε̂ through the wrapper, Euler to σ = 0."""
-        sigma = self.sampling.sigmas[-1:]
-        x = noise.generate_noise(latent) * (1 + sigma ** 2) ** 0.5
-
-        def apply_model(x, sigma, c_crossattn, transformer_options):
-            xc = self.sampling.calculate_input(sigma, x)
-            return self._diffusion_model(xc, self.sampling.timestep(sigma), c_crossattn,
-                                         dict(transformer_options))
-
-        c = {"c_crossattn": positive[0][0], "transformer_options": self.model_options["transformer_options"]}
-        eps = self.model_options["model_function_wrapper"](apply_model, {"input": x, "timestep": sigma, "c": c})
-        return x - eps * sigma  # the denoised latent (scaled): Euler's single step lands on it
-
-
+from comfy_model import FakeModelPatcher, FakeVAE  # noqa: E402
 def test_apply_to_model_hooks_give_the_library_decode(plugin, model, converted):
     """The codec-only nodes on an outside UNet (its hooks called as ComfyUI's LDM UNet calls them, one Euler step
     from sigma_max): the same latent as the library's decode with the same weights, within float rounding."""
     from diffo import pipeline
 
     m = plugin.NODE_CLASS_MAPPINGS
-    parts = plugin.nodes.osdiff.OSDiffCodecParts.from_dir(converted)
+    parts = plugin.nodes.checkpoint.OSDiffCodecParts.from_dir(converted)
     assert parts.fingerprint == model.fingerprint
     assert not any(n.startswith(("unet.", "vae.")) for n, _ in parts.named_parameters())  # no second backbone
     assert sum(p.numel() for p in parts.parameters()) < 0.6 * sum(p.numel() for p in model.parameters())
     image = torch.rand(1, 64, 96, 3)
-    streams = m["DiffOCompressWithVAE"]().compress(image, _FakeVAE(model), parts, 7)[0]
+    streams = m["DiffOCompressWithVAE"]().compress(image, FakeVAE(model), parts, 7)[0]
     assert streams[0] == pipeline.encode(model, image[0].permute(2, 0, 1), rate=1.0, seed=7)
     base = FakeModelPatcher(model.unet, dict(model.unet.config))
-    patched, positive, latent, noise = m["DiffOApplyToModel"]().apply(base, parts, streams)
+    patched, positive, latent, noise, sigmas = m["DiffOApplyToModel"]().apply(base, parts, streams)
     assert base.model_options == {"transformer_options": {}}  # the input MODEL is untouched
+    assert torch.equal(sigmas, torch.stack([base.sampling.sigmas[-1], torch.zeros(())]))  # BasicScheduler simple/1
+    assert not latent["samples"].any()  # OSDiff starts from pure noise
     with torch.no_grad():
-        z0 = patched.sample_one_step(latent, positive, noise)
+        z0 = patched.sample_one_step(latent, positive, noise, sigmas)
         bs, hint = pipeline.entropy_decode(model, streams[0])
         ref = pipeline.latent_from_c_hat(model, hint, 1.0, bs.seed)
     assert torch.allclose(z0, ref, atol=1e-4 * float(ref.abs().max())), float((z0 - ref).abs().max())
@@ -425,25 +331,15 @@ def test_apply_to_model_hooks_give_the_library_decode(plugin, model, converted):
     assert cropped.shape == (1, 64, 96, 3)
 
 
-class _FakeVAE:
-    """ComfyUI's VAE interface (encode: [B, H, W, C] in 0..1 → latent in the VAE's own units)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def encode(self, pixels):
-        return self.model.encode_latent(pixels.permute(0, 3, 1, 2)) / self.model.vae.config.scaling_factor
-
-
 def test_apply_to_model_refuses_a_model_that_is_not_the_base(plugin, model, converted):
-    parts = plugin.nodes.osdiff.OSDiffCodecParts.from_dir(converted)
+    parts = plugin.nodes.checkpoint.OSDiffCodecParts.from_dir(converted)
     wrong = FakeModelPatcher(model.unet, {**dict(model.unet.config), "cross_attention_dim": 768})
     with pytest.raises(ValueError, match=r"not the base OSDiff was trained on: prompt width 768"):
-        plugin.nodes.osdiff.check_base_model(wrong, parts)
+        plugin.nodes.checkpoint.check_base_model(wrong, parts)
     vpred = FakeModelPatcher(model.unet, dict(model.unet.config))
     vpred.model.model_type.name = "V_PREDICTION"
     with pytest.raises(ValueError, match="V_PREDICTION prediction"):
-        plugin.nodes.osdiff.check_base_model(vpred, parts)
+        plugin.nodes.checkpoint.check_base_model(vpred, parts)
 
 
 def test_the_gpu_bench_script_runs_on_the_cpu_at_tiny_size():
@@ -495,6 +391,6 @@ def test_a_weight_outside_the_exact_grid_is_an_error_naming_it(tmp_path):
 
 
 def test_codec_parts_refuse_a_latent_of_the_wrong_size(plugin, converted):
-    parts = plugin.nodes.osdiff.OSDiffCodecParts.from_dir(converted)
+    parts = plugin.nodes.checkpoint.OSDiffCodecParts.from_dir(converted)
     with pytest.raises(ValueError, match=r"must be \[1, 4, 8, 16\]"):
         parts.compress(torch.zeros(1, 4, 8, 12), (64, 96))  # not padded to 64: would not decode

@@ -24,9 +24,11 @@ def data_dir(tmp_path):
 
 
 def _cfg(data_dir, out):
-    return TrainConfig(data=[str(data_dir)], out=str(out), steps={"vae": 2, "codec": 3, "denoiser": 3},
-                       minutes={"vae": 5, "codec": 5, "denoiser": 5}, vae_crop=64, vae_batch=2, latent_crop=8,
-                       latent_batch=2, checkpoint_minutes=0.0, adv_start=0.3)
+    return TrainConfig(data=[str(data_dir)], out=str(out),
+                       steps={"vae": 2, "decoder": 2, "codec": 3, "denoiser": 3, "realism": 2},
+                       minutes={k: 5 for k in ("vae", "decoder", "codec", "denoiser", "realism")}, vae_crop=64,
+                       vae_batch=2, decoder_crop=64, decoder_batch=2, latent_crop=8, latent_batch=2, realism_batch=2,
+                       checkpoint_minutes=0.0, adv_start=0.3)
 
 
 def test_train_stops_and_resumes_to_a_loadable_model(data_dir, tmp_path, monkeypatch):
@@ -40,14 +42,15 @@ def test_train_stops_and_resumes_to_a_loadable_model(data_dir, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(cfg)
     progress = json.loads((out / "checkpoint" / "progress.json").read_text())["progress"]
-    assert progress["stage"] == "denoiser" and progress["steps_done"] == {"vae": 2, "latents": 0, "codec": 3}
+    assert progress["stage"] == "denoiser"
+    assert progress["steps_done"] == {"vae": 2, "latents": 0, "decoder": 2, "codec": 3}
     codec_state = {k: v.clone() for k, v in Trainer(cfg).model.latent_codec.state_dict().items()}
 
     monkeypatch.undo()
     logged_before = len((out / "train_log.jsonl").read_text().splitlines())
     folder = train_mod.train(cfg)
     after = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()[logged_before:]]
-    assert {row["stage"] for row in after} == {"denoiser"}  # the resumed run did not redo earlier stages
+    assert {row["stage"] for row in after} == {"denoiser", "realism"}  # no earlier stage redone
     model = DiffoCodec.from_pretrained(folder)
     for k, v in codec_state.items():  # the resumed run started from the checkpointed codec
         if not k.endswith(("_quantized_cdf", "_offset", "_cdf_length")):
@@ -99,6 +102,17 @@ def test_noise_map_choice_never_rises_with_the_rate_and_maximises_the_sum():
     assert best_non_increasing([[0.1, 0.3, 0.2]] * 3, strengths) == [0.2, 0.2, 0.2]
 
 
+def test_strongest_criterion_takes_the_most_noise_the_psnr_tolerance_allows():
+    from diffo.training.noise_tuning import strongest_within
+
+    strengths = (0.0, 0.2, 0.5)
+    psnr = [[20.0, 19.9, 19.8], [24.0, 23.8, 23.0], [25.0, 24.0, 23.0]]
+    plain = [20.0, 24.0, 25.0]
+    assert strongest_within(psnr, plain, strengths, 0.3) == [0.5, 0.2, 0.0]
+    # never rising with the rate, even where a higher rate would allow more
+    assert strongest_within([[20.0, 19.0, 18.0], [24.0, 24.0, 24.0]], [20.0, 24.0], strengths, 0.3) == [0.0, 0.0]
+
+
 def test_noise_stage_tunes_the_map_on_held_out_photos(data_dir, tmp_path, monkeypatch):
     from diffo.training import noise_tuning
 
@@ -114,3 +128,55 @@ def test_noise_stage_tunes_the_map_on_held_out_photos(data_dir, tmp_path, monkey
     assert list(model.config.noise_strengths) == table["chosen"]
     assert table["chosen"][0] >= table["chosen"][1] and set(table["chosen"]) <= {0.0, 0.3}
     assert "Noise map" in (folder / "README.md").read_text()
+
+
+def test_stages_continue_a_saved_model_with_a_fast_decoder_and_the_realism_stage(data_dir, tmp_path, monkeypatch):
+    """`--init M --stages latents,decoder,realism`: the codec is kept bit for bit, a fast decoder is added
+    and trained, and an interrupted realism stage resumes with its patch discriminator's checkpoint."""
+    init = DiffoCodec.from_preset("tiny")
+    init.update()
+    init.save_pretrained(tmp_path / "init")
+    cfg = _cfg(data_dir, tmp_path / "run")
+    cfg.init, cfg.stages = str(tmp_path / "init"), ["latents", "decoder", "realism"]
+    cfg.steps["realism"] = 4
+    calls = []
+    real_loop = Trainer._loop
+
+    def stop_after_two(self, stage, params, step_fn, **kw):
+        if stage == "realism" and not calls:
+            calls.append(stage)
+            self.cfg.steps["realism"] = 2
+            real_loop(self, stage, params, step_fn, **kw)  # checkpoints after every step (checkpoint_minutes=0)
+            raise KeyboardInterrupt
+        return real_loop(self, stage, params, step_fn, **kw)
+
+    monkeypatch.setattr(Trainer, "_loop", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(cfg)
+    assert (tmp_path / "run" / "checkpoint" / "patch_disc.safetensors").is_file()
+    dec_state = {k: v.clone() for k, v in Trainer(cfg).model.decoder.state_dict().items()}
+    cfg.steps["realism"] = 4
+    folder = train_mod.train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    realism = [r["step"] for r in rows if r.get("stage") == "realism" and r.get("done")]
+    assert realism == [2, 4]  # the second run went on from step 2
+    model = DiffoCodec.from_pretrained(folder)
+    assert model.config.decoder_config and model.decoder is not None
+    for k, v in dec_state.items():  # the decoder stage was not run again
+        assert torch.equal(v.half().float(), model.decoder.state_dict()[k]), k
+    for k, v in init.latent_codec.state_dict().items():
+        assert torch.equal(v, model.latent_codec.state_dict()[k].to(v.dtype)), k
+    # the decoder is what decodes now
+    lat = torch.randn(1, 4, 4, 4)
+    assert not torch.allclose(model.decode_latent(lat), init.decode_latent(lat))
+
+
+def test_stages_are_checked(tmp_path):
+    cfg = TrainConfig(data=[str(tmp_path)], stages=["decoder", "realism"], init=str(tmp_path))
+    with pytest.raises(ValueError, match="latent cache"):
+        Trainer._stage_list(cfg)
+    with pytest.raises(ValueError, match="needs --init"):
+        Trainer._stage_list(TrainConfig(stages=["latents", "codec"]))
+    with pytest.raises(ValueError, match="inapplicable"):
+        Trainer._stage_list(TrainConfig(config="sd", stages=["decoder"], init="x"))
+    assert Trainer._stage_list(TrainConfig(stages=["latents", "realism"], init="x")) == ["latents", "realism", "final"]

@@ -83,8 +83,11 @@ class CodecBase(ModelMixin, ConfigMixin):
 
     def decode_raw_latent(self, raw: torch.Tensor) -> torch.Tensor:
         """Latent in the VAE's own units (ComfyUI's LATENT convention) → image batch in [0, 1]."""
-        img = self.vae.decode(raw.to(self.dtype)).sample
-        return ((img.float() + 1) / 2).clamp(0, 1)
+        return ((self.decode_raw_latent_signed(raw).float() + 1) / 2).clamp(0, 1)
+
+    def decode_raw_latent_signed(self, raw: torch.Tensor) -> torch.Tensor:
+        """The decoder network alone: raw latent → image in [-1, 1], not clamped (differentiable; training)."""
+        return self.vae.decode(raw.to(self.dtype)).sample
 
     # ------------------------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | Path, half_precision: bool = False, model_card: str | None = None,
@@ -205,6 +208,11 @@ def public_config(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
+# Config keys added after models were published, left out of the fingerprint while unset, so that those models
+# keep the fingerprint their files carry.
+LATER_OPTIONAL_KEYS = {"decoder_config"}
+
+
 def fingerprint_of(config, state: dict) -> bytes:
     """SHA-256 over the canonical config and every stored tensor (name, dtype, shape, bytes); first 8 bytes."""
     return fingerprint_stream(config, ((k, state[k]) for k in sorted(state)))
@@ -213,7 +221,8 @@ def fingerprint_of(config, state: dict) -> bytes:
 def fingerprint_stream(config, items) -> bytes:
     """`fingerprint_of` over (name, tensor) pairs given in sorted name order, one at a time (a file streamed)."""
     h = hashlib.sha256()
-    h.update(json.dumps(public_config(config), sort_keys=True, default=str).encode())
+    canonical = {k: v for k, v in public_config(config).items() if not (k in LATER_OPTIONAL_KEYS and v is None)}
+    h.update(json.dumps(canonical, sort_keys=True, default=str).encode())
     for k, v in items:
         v = v.detach().cpu().contiguous()
         h.update(f"{k}|{v.dtype}|{tuple(v.shape)}".encode())

@@ -19,8 +19,10 @@ RATES = (0.0, 0.25, 0.5, 0.75, 1.0)
 @torch.no_grad()
 def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> list[dict]:
     """Real encode → bytes → decode on centre crops of held-out photos: mean bpp, PSNR and MS-SSIM per
-    rate level, and PSNR and HaarPSI with and without the one-step denoiser."""
+    rate level, and PSNR, HaarPSI and NIQE (no reference; lower is more natural) with and without the
+    one-step denoiser."""
     from ..tools.metrics import haarpsi, ms_ssim
+    from ..tools.niqe import niqe
     from .. import pipeline
     from ..bitstream import bits_per_pixel
     from ..image import psnr
@@ -33,7 +35,7 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
         images.append(load_centre_crop(p, crop))
     for r in rates:
         acc = {"rate": r, "bpp": 0.0, "psnr": 0.0, "ms_ssim": 0.0, "psnr_nodenoise": 0.0, "haarpsi": 0.0,
-               "haarpsi_nodenoise": 0.0}
+               "haarpsi_nodenoise": 0.0, "niqe": 0.0, "niqe_nodenoise": 0.0}
         for img in images:
             data = pipeline.encode(model, img, rate=r)
             rec = pipeline.decode(model, data)
@@ -44,6 +46,8 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
             acc["haarpsi"] += haarpsi(img, rec)
             acc["haarpsi_nodenoise"] += haarpsi(img, plain)
             acc["ms_ssim"] += ms_ssim(img, rec)  # the eval command's metric (NaN below 161 px)
+            acc["niqe"] += niqe(rec)
+            acc["niqe_nodenoise"] += niqe(plain)
         rows.append({k: (v / len(images) if k != "rate" else v) for k, v in acc.items()})
     return rows
 
@@ -68,9 +72,14 @@ def finalize(model, folder: Path, held_files: list[Path], train_info: dict) -> P
 def model_card(name: str, train_info: dict, holdout: list[dict], n_held: int) -> str:
     init = f"\n- Started from: {train_info['init']}" if train_info.get("init") else ""
     losses = f"\n- Losses: {train_info['losses']}" if train_info.get("losses") else ""
+    seconds = train_info.get("seconds", {})
+    cores = train_info.get("cores", 1)
+    cpu_hours = (", ".join(f"{k} {v * cores / 3600:.2f}" for k, v in seconds.items())
+                 + f"; this run {sum(seconds.values()) * cores / 3600:.2f} core-hours ({cores} cores)")
     table = "\n".join(
         f"| {r['rate']:.2f} | {r['bpp']:.4f} | {r['psnr']:.2f} | {r['psnr_nodenoise']:.2f} | {r['ms_ssim']:.4f} "
-        f"| {r['haarpsi']:.4f} | {r['haarpsi_nodenoise']:.4f} |"
+        f"| {r['haarpsi']:.4f} | {r['haarpsi_nodenoise']:.4f} | {r.get('niqe', float('nan')):.2f} "
+        f"| {r.get('niqe_nodenoise', float('nan')):.2f} |"
         for r in holdout)
     return f"""---
 library_name: diffo
@@ -88,17 +97,18 @@ UNet denoiser) at a size that trains on a 2-core CPU. Its latent space is its ow
 - Data: {train_info.get('data', '')} (never Kodak); held-out slice: {n_held} photos chosen by file-name hash.
 - Stages (steps): {json.dumps(train_info.get('stages', {}))}; seconds: {json.dumps(
     {k: round(v) for k, v in train_info.get('seconds', {}).items()})}
+- Compute: {cpu_hours}
 - Hardware: {train_info.get('hardware', '')}{init}{losses}
 
 ## Held-out measurements
 Centre 256x256 crops of the {n_held} held-out photos, real files (bpp = 8 x bytes / pixels, header included),
 measured by `diffo.training.model_card.evaluate_holdout`:
 
-| rate level | bpp | PSNR dB | PSNR without denoiser dB | MS-SSIM | HaarPSI | HaarPSI without denoiser |
-|---|---|---|---|---|---|---|
+| rate level | bpp | PSNR dB | PSNR without denoiser dB | MS-SSIM | HaarPSI | HaarPSI without denoiser | NIQE | NIQE without denoiser |
+|---|---|---|---|---|---|---|---|---|
 {table}
 
-Noise map (rate level → strength of the denoiser's starting noise, tuned on the held-out photos for
-HaarPSI): {train_info.get('noise_map', '')}. Kodak-24 figures against the classical codecs: the project
+Noise map (rate level → strength of the denoiser's starting noise, tuned on the held-out photos,
+criterion: {train_info.get('noise_criterion', 'HaarPSI')}): {train_info.get('noise_map', '')}. Kodak-24 figures against the classical codecs: the project
 README (`python -m diffo eval`).
 """

@@ -3,13 +3,19 @@
 Stages (as the methods describe them; each has a step count and a time budget, whichever ends first):
   1. vae       latent space: the VAE alone on pixel crops (skipped for the 'sd' config: SD's VAE is kept)
   2. latents   encode every training photo once; set the latent scaling factor (1/std)
-  3. codec     latent codec on cached latent crops: rate + λ(rate)·distortion + VQ codebook/commitment,
+  3. decoder   (tiny) a fast latent → pixel decoder (fast_decoder.py) trained from the frozen VAE encoder's
+               latents against the photos: L1 + MSE; it replaces the VAE decoder at decode time
+  4. codec     latent codec on cached latent crops: rate + λ(rate)·distortion + VQ codebook/commitment,
                rate level sampled per batch (one model for all rates), dead codes restarted
-  4. denoiser  control module + one-step UNet on the codec's real (rounded) output ĉ at the noise level of
+  5. denoiser  control module + one-step UNet on the codec's real (rounded) output ĉ at the noise level of
                the sampled rate: latent MSE + adversarial loss of a discriminator in the UNet's feature space
-  5. noise     the rate-adaptive noise map: per rate level, the strength with the best held-out HaarPSI
-  6. final     entropy tables built, model saved (config.json + safetensors + model card)
-`--init FOLDER` starts every stage from a saved model's weights (continued training); `--mixed-precision
+  6. realism   the same, with a pixel-space patch discriminator on decoded crops at a weight that moves the
+               model (distribution matching: what lets one step draw texture instead of the blurry mean),
+               plus the decoded crops' L1 against the decoded true latent
+  7. noise     the rate-adaptive noise map: per rate level, the strength with the best held-out HaarPSI
+  8. final     entropy tables built, model saved (config.json + safetensors + model card)
+`--init FOLDER` starts every stage from a saved model's weights (continued training); `--stages` runs only
+the named stages (e.g. `latents,decoder,realism,noise,final` on a trained model); `--mixed-precision
 bf16` runs the VAE and denoiser stages under accelerate's autocast (faster where the CPU or GPU has bf16; the
 codec stage stays float32: its likelihoods need the range).
 Checkpoints (safetensors) are written every few minutes into OUT/checkpoint; `--resume` continues there.
@@ -30,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models.diffo.codec import DiffoCodec
-from ..models.diffo.discriminator import UNetFeatureDiscriminator
+from ..models.diffo.discriminator import PatchDiscriminator, UNetFeatureDiscriminator
 from ..extras import require
 from ..models.diffo.latent_codec import MAX_RATE_Q
 from . import checkpoint as ckpt
@@ -39,7 +45,7 @@ from . import noise_tuning
 from .data import CropSampler, LatentCropSampler, list_images, load_centre_crop, load_rgb, split_holdout
 
 logger = logging.getLogger(__name__)
-STAGES = ["vae", "latents", "codec", "denoiser", "noise", "final"]
+STAGES = ["vae", "latents", "decoder", "codec", "denoiser", "realism", "noise", "final"]
 
 
 @dataclass
@@ -50,13 +56,17 @@ class TrainConfig:
     mixed_precision: str = "no"  # accelerate: no | bf16 | fp16
     data: list = field(default_factory=list)
     out: str = "runs/diffo-tiny"
-    minutes: dict = field(default_factory=lambda: {"vae": 22, "codec": 14, "denoiser": 18})
-    steps: dict = field(default_factory=lambda: {"vae": 100000, "codec": 100000, "denoiser": 100000})
+    stages: list | None = None  # the stages to run, in STAGES order (None: all that apply to the config)
+    minutes: dict = field(default_factory=lambda: {"vae": 22, "decoder": 20, "codec": 14, "denoiser": 18,
+                                                   "realism": 40})
+    steps: dict = field(default_factory=lambda: {k: 100000 for k in ("vae", "decoder", "codec", "denoiser",
+                                                                       "realism")})
     vae_crop: int = 128
     vae_batch: int = 8
     latent_crop: int = 32  # in latent pixels (x8 image pixels)
     latent_batch: int = 16
-    lr: dict = field(default_factory=lambda: {"vae": 4e-4, "codec": 2e-4, "denoiser": 2e-4})
+    lr: dict = field(default_factory=lambda: {"vae": 4e-4, "decoder": 1e-3, "codec": 2e-4, "denoiser": 2e-4,
+                                              "realism": 1e-4})
     lambda_min: float = 0.01  # distortion weight at rate level 0 ... (low: the lowest residual level then sits
     # just above the base code alone, ~0.02 bpp, instead of leaving a gap up to ~0.04)
     lambda_max: float = 4.0  # ... and at 1 (geometric in between)
@@ -66,9 +76,17 @@ class TrainConfig:
     random_strength_prob: float = 0.5  # denoiser batches at a random strength (the map is tuned afterwards)
     lr_floor: float = 0.1  # cosine decay over the stage (by steps or minutes, whichever is further) to this
     tune_crop: int = 256
+    noise_criterion: str = "haarpsi"  # noise stage: haarpsi | strongest (see noise_tuning)
     pixel_weight: float = 0.05  # denoiser: weight of (1 - HaarPSI) of VAE-decoded latent crops ...
     pixel_crop: int = 16  # ... of this many latent pixels (x8 image pixels), ...
     pixel_batch: int = 2  # ... for this many items of the batch
+    decoder_crop: int = 128
+    decoder_batch: int = 8
+    realism_adv_weight: float = 0.1  # pixel patch discriminator (non-saturating loss) in the realism stage
+    realism_l1_weight: float = 1.0  # L1 of decoded crops against the decoded true latent
+    realism_crop: int = 16  # decoded crops of this many latent pixels (of latent_crop) ...
+    realism_batch: int = 8  # ... for each item of a batch of this many
+    realism_strengths: tuple = (0.1, 0.6)  # strength drawn uniformly in this range for every batch
     checkpoint_minutes: float = 3.0
     seed: int = 0
 
@@ -80,7 +98,10 @@ class TrainConfig:
                 f"+ {self.pixel_weight:g}·(1 − HaarPSI) of decoded crops + {self.adv_weight:g}·adversarial loss "
                 f"of the discriminator on the UNet's middle-layer features (from {self.adv_start:.0%} of the "
                 f"stage), strength from the noise map or, in {self.random_strength_prob:.0%} of batches, "
-                f"uniform in [0, {max(noise_tuning.STRENGTHS):g}]")
+                f"uniform in [0, {max(noise_tuning.STRENGTHS):g}]; fast decoder: L1 + MSE against the photos from "
+                f"the frozen VAE encoder's latents; realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded "
+                f"crops + {self.realism_adv_weight:g}·pixel patch discriminator + the feature discriminator, "
+                f"strength uniform in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]")
 
 
 def _lambda(cfg: TrainConfig, rate_q: int) -> float:
@@ -122,10 +143,33 @@ class Trainer:
         files = list_images(cfg.data)
         self.train_files, self.held_files = split_holdout(files)
         logger.info("%d training photos, %d held out", len(self.train_files), len(self.held_files))
-        self.progress = {"stage": "vae" if cfg.config == "tiny" else "latents", "step": 0, "seconds": {}}
+        self.stages = self._stage_list(cfg)
+        if "decoder" in self.stages and self.model.decoder is None:
+            self.model.add_fast_decoder()
+        self.progress = {"stage": self.stages[0], "step": 0, "seconds": {}}
         self.disc: UNetFeatureDiscriminator | None = None
+        self.patch_disc: PatchDiscriminator | None = None
         if (self.ckdir / "progress.json").is_file():
             self._resume()
+
+    @staticmethod
+    def _stage_list(cfg: TrainConfig) -> list[str]:
+        applicable = [s for s in STAGES if cfg.config == "tiny" or s not in ("vae", "decoder")]
+        if cfg.stages is None:
+            return applicable
+        unknown = [s for s in cfg.stages if s not in applicable]
+        if unknown:
+            raise ValueError(f"unknown or inapplicable stage(s) {unknown} for --config {cfg.config}: "
+                             f"choose from {', '.join(applicable)}")
+        chosen = [s for s in applicable if s in cfg.stages]
+        if "final" not in chosen:
+            chosen.append("final")
+        if cfg.init is None and chosen[0] != applicable[0]:
+            raise ValueError("--stages without the first stages needs --init (a trained model to start from)")
+        needs_latents = {"codec", "denoiser", "realism"} & set(chosen)
+        if needs_latents and "latents" not in chosen:
+            raise ValueError(f"stage(s) {sorted(needs_latents)} read the latent cache: add 'latents' to --stages")
+        return chosen
 
     # ------------------------------------------------------------------ checkpoints
     def _resume(self):
@@ -189,7 +233,7 @@ class Trainer:
 
     def _next_stage(self, stage: str):
         self.progress.setdefault("steps_done", {})[stage] = self.progress["step"]
-        self.progress.update(stage=STAGES[STAGES.index(stage) + 1], step=0)
+        self.progress.update(stage=self.stages[self.stages.index(stage) + 1], step=0)
         self._save({})
 
     # ------------------------------------------------------------------ stages
@@ -238,6 +282,30 @@ class Trainer:
         self._log(stage="latents", count=len(lat), scaling_factor=sf)
         self.progress["scaling_factor"] = sf
         self._next_stage("latents")
+
+    def stage_decoder(self):
+        """The fast decoder from the frozen VAE encoder's latents (sampled from the posterior, as the VAE's
+        decoder was trained) against the photos."""
+        cfg = self.cfg
+        sampler = CropSampler(self.train_files, cfg.decoder_crop, seed=cfg.seed + 1 + self.progress["step"])
+        vae, dec = self.model.vae, self.model.decoder
+        vae.requires_grad_(False)
+
+        def step(i, opt, _):
+            x = sampler.batch(cfg.decoder_batch).to(self.device) * 2 - 1
+            with torch.no_grad():
+                raw = vae.encode(x).latent_dist.sample()
+            with self.acc.autocast():
+                rec = dec(raw).float()
+            l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
+            opt.zero_grad(set_to_none=True)
+            self.acc.backward(l1 + mse)
+            torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
+            opt.step()
+            return {"l1": l1.item(), "psnr": 10 * math.log10(4 / max(mse.item(), 1e-10))}
+
+        self._loop("decoder", dec.parameters(), step)
+        self._next_stage("decoder")
 
     def _latent_sampler(self) -> LatentCropSampler:
         from safetensors.torch import load_file
@@ -371,6 +439,67 @@ class Trainer:
                    extra_modules=lambda: {"disc": self.disc} if self.disc is not None else {})
         self._next_stage("denoiser")
 
+    def stage_realism(self):
+        """Denoiser against a pixel-space patch discriminator on decoded crops (real: the decoded true latent;
+        fake: the decoded output), plus latent MSE and the decoded crops' L1. For the 'sd' config the UNet stays
+        frozen (only the control module trains), as in the denoiser stage."""
+        cfg = self.cfg
+        sampler = self._latent_sampler()
+        den = self.model.denoiser
+        self.model.requires_grad_(False)
+        gen_params = [p for n, p in den.named_parameters() if cfg.config != "sd" or not n.startswith("unet.")]
+        for p_ in gen_params:
+            p_.requires_grad_(True)
+        if self.patch_disc is None:
+            self.patch_disc = PatchDiscriminator().to(self.device)
+            ckpt.load_module(self.ckdir, "patch_disc", self.patch_disc)
+        disc = self.patch_disc
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=2 * cfg.lr["realism"], betas=(0.5, 0.999))
+        sf = self.model.vae.config.scaling_factor
+        decode = lambda t: self.model.decode_raw_latent_signed(t / sf)  # noqa: E731  (cached latents are scaled)
+        lo, hi = cfg.realism_strengths
+
+        def step(i, opt, opts):
+            z = sampler.batch(cfg.realism_batch).to(self.device)
+            rate_q = _sample_rate(self.rng, cfg)
+            with torch.no_grad():
+                self.model.latent_codec.eval()
+                c_hat = self.model.latent_codec(z, rate_q).c_hat
+            strength = self.rng.uniform(lo, hi)
+            t = torch.full((len(z),), self.model.timestep_for_strength(strength), dtype=torch.long,
+                           device=self.device)
+            with self.acc.autocast():
+                x0 = den(c_hat, t, torch.randn_like(z)).float()
+            mse = F.mse_loss(x0, z)
+            n, c = cfg.realism_batch, min(cfg.realism_crop, *z.shape[-2:])
+            top = self.rng.randrange(z.shape[-2] - c + 1)
+            left = self.rng.randrange(z.shape[-1] - c + 1)
+            crop = lambda t_: t_[:n, :, top:top + c, left:left + c]  # noqa: E731
+            with torch.no_grad():
+                real = decode(crop(z))
+            with self.acc.autocast():
+                fake = decode(crop(x0)).float()
+                g_adv = F.softplus(-disc(fake).float()).mean()
+            l1 = F.l1_loss(fake, real)
+            loss = mse + cfg.realism_l1_weight * l1 + cfg.realism_adv_weight * g_adv
+            opt.zero_grad(set_to_none=True)
+            self.acc.backward(loss)
+            torch.nn.utils.clip_grad_norm_(gen_params, 1.0)
+            opt.step()
+            with self.acc.autocast():
+                d_real, d_fake = disc(real).float(), disc(fake.detach()).float()
+            d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+            return {"rate": rate_q / MAX_RATE_Q, "s": strength, "mse": mse.item(), "mse_in": F.mse_loss(c_hat, z).item(),
+                    "l1": l1.item(), "g_adv": g_adv.item(), "d_loss": d_loss.item(),
+                    "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
+
+        self._loop("realism", gen_params, step, optimizers_extra={"patch_disc": disc_opt},
+                   extra_modules=lambda: {"patch_disc": disc})
+        self._next_stage("realism")
+
     def stage_noise(self):
         """Choose the noise map on the held-out photos (centre crops), as the model will be saved."""
         if not self.held_files:
@@ -382,7 +511,7 @@ class Trainer:
         crops = [load_centre_crop(p, self.cfg.tune_crop) for p in self.held_files]
         t0 = time.time()
         with entropy_models.runtime_view(self.model):  # real files, coded as users code them
-            table = noise_tuning.tune(self.model, crops)
+            table = noise_tuning.tune(self.model, crops, criterion=self.cfg.noise_criterion)
         (self.out / "noise_tuning.json").write_text(json.dumps(table, indent=1))
         self.progress.update(noise_rates=list(self.model.config.noise_rates),
                              noise_strengths=list(self.model.config.noise_strengths))
@@ -398,6 +527,9 @@ class Trainer:
                 "stages": {k: {"steps": v} for k, v in self.progress.get("steps_done", {}).items()},
                 "seconds": self.progress["seconds"], "hardware": _hardware(), "init": self.cfg.init,
                 "losses": self.cfg.losses(),
+                "cores": torch.get_num_threads(),
+                "noise_criterion": self.cfg.noise_criterion if self.cfg.noise_criterion == "haarpsi"
+                else "the strongest noise within 0.3 dB of the no-denoise PSNR",
                 "noise_map": ", ".join(f"{r:g} → {s:g}" for r, s in zip(self.model.config.noise_rates,
                                                                      self.model.config.noise_strengths))}
         folder = finalize(self.model, self.out / "model", self.held_files, info)
@@ -410,7 +542,10 @@ class Trainer:
         return (f"python -m diffo train --config {c.config} {init}--mixed-precision {c.mixed_precision} "
                 f"--data {' '.join(map(str, c.data))} --out {c.out} "
                 f"--minutes-vae {c.minutes['vae']} --minutes-codec {c.minutes['codec']} "
-                f"--minutes-denoiser {c.minutes['denoiser']}")
+                f"--minutes-denoiser {c.minutes['denoiser']} --minutes-decoder {c.minutes['decoder']} "
+                f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
+                f"--lambda-max {c.lambda_max:g}"
+                + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 
     def run(self) -> Path:
         while True:

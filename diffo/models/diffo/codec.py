@@ -21,6 +21,7 @@ from diffusers.configuration_utils import register_to_config
 
 from ...tiling import configure_vae
 from .denoiser import ControlOutput, OneStepDenoiser
+from .fast_decoder import FastLatentDecoder
 from ...errors import BitstreamError
 from ..sd import SD21_UNET, SD21_VAE
 from ..base import CONFIG_NAME, WEIGHTS_NAME, CodecBase, fingerprint_of, padded_latent_shape, public_config
@@ -67,12 +68,66 @@ def latent_valid(h: int, w: int) -> tuple[int, int]:
     return -(-h // 8), -(-w // 8)
 
 
-class DiffoCodec(CodecBase):
-    """The DiffO codec. Constructor arguments are its `config.json`."""
+class DiffoCoding:
+    """The entropy-coding stages of the DiffO family and its noise map, on `self.latent_codec` and
+    `self.config`: shared by the whole model and by the codec-only parts that run on a user's own SD UNet and
+    VAE (parts.py)."""
 
     family = "diffo"
     family_id = 0
     format_version = 2
+    has_rate_levels = True
+
+    def strength_for_rate(self, rate: float) -> float:
+        return strength_for_rate(rate, list(self.config.noise_rates), list(self.config.noise_strengths))
+
+    def timestep_for_strength(self, strength: float) -> int:
+        return timestep_for_strength(strength, self.config.num_train_timesteps)
+
+    def analyse(self, x: torch.Tensor, size: tuple[int, int]) -> EncodedLatent:
+        return self.analyse_latent(self.encode_latent(x.to(self.device)), size)
+
+    def analyse_latent(self, latent: torch.Tensor, size: tuple[int, int]) -> EncodedLatent:
+        """Latent and base code once: they are the same for every rate level."""
+        latent = latent.float().to(next(self.latent_codec.parameters()).device)
+        strings, indices = self.latent_codec.compress_base(latent, latent_valid(*size))
+        return EncodedLatent(latent, strings[0], indices, size)
+
+    def streams(self, enc: EncodedLatent, rate_q: int, coder=None) -> tuple[bytes, ...]:
+        """(base,) at level 0, else (base, z, y); with `coder`, everything is coded afresh with it."""
+        if coder is not None:
+            base = self.latent_codec.compress_base(enc.latent, enc.latent_valid, coder)[0][0]
+            if rate_q == 0:
+                return (base,)
+            z, y = self.latent_codec.compress_residual(enc.latent, enc.indices, rate_q, enc.latent_valid, None, coder)
+            return base, z[0], y[0]
+        if rate_q == 0:
+            return (enc.base_string,)
+        if enc.residual is None:
+            enc.residual = self.latent_codec.analyse_residual(enc.latent, enc.indices, enc.latent_valid)
+        z, y = self.latent_codec.compress_residual(enc.latent, enc.indices, rate_q, enc.latent_valid, enc.residual)
+        return enc.base_string, z[0], y[0]
+
+    def check_streams(self, bs) -> None:
+        if len(bs.streams) not in (1, 3):
+            raise BitstreamError(f"a DiffO stream holds 1 sub-stream (base) or 3 (base, z, y), got {len(bs.streams)}")
+
+    def _latent_shape(self, bs) -> tuple[int, int]:
+        return padded_latent_shape(bs.height, bs.width, self.config.pad_multiple)
+
+    def entropy_decode(self, bs, coder) -> torch.Tensor:
+        return self.latent_codec.decompress([bs.streams], self._latent_shape(bs), bs.rate_q,
+                                            latent_valid(bs.height, bs.width), coder)
+
+    def decode_symbols(self, bs, coder) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(base indices, residual ŷ or None at rate level 0)."""
+        idx, _, y_hat = self.latent_codec.decode_symbols([bs.streams], self._latent_shape(bs), bs.rate_q,
+                                                         latent_valid(bs.height, bs.width), coder)
+        return idx, y_hat
+
+
+class DiffoCodec(DiffoCoding, CodecBase):
+    """The DiffO codec. Constructor arguments are its `config.json`."""
 
     @register_to_config
     def __init__(
@@ -88,6 +143,7 @@ class DiffoCodec(CodecBase):
         noise_strengths: list = (0.5, 0.15),
         pad_multiple: int = 64,
         name: str = "diffo-tiny",
+        decoder_config: dict | None = None,
     ):
         super().__init__()
         check_noise_map(list(noise_rates), list(noise_strengths))
@@ -97,6 +153,8 @@ class DiffoCodec(CodecBase):
                                              **dict(latent_codec_config or TINY_LATENT_CODEC))
         self.denoiser = OneStepDenoiser(dict(unet_config or TINY_UNET), latent_channels, control_embedding_channels,
                                         prediction_type, num_train_timesteps, prompt_length)
+        # a fast latent → pixel decoder replacing the VAE's (see fast_decoder.py); None: the VAE decoder
+        self.decoder = FastLatentDecoder(**decoder_config) if decoder_config else None
         use_contiguous_group_norm(self)  # thread-count-independent pixels (see layers.ContiguousGroupNorm)
         configure_vae(self.vae)  # large images in tiles (tiling.py)
         self._fingerprint: bytes | None = None
@@ -147,6 +205,19 @@ class DiffoCodec(CodecBase):
             conditioning_embedding_out_channels=(kwargs["control_embedding_channels"],)).state_dict())
         return model
 
+    def add_fast_decoder(self, **config) -> FastLatentDecoder:
+        """Attach a fresh `FastLatentDecoder` (recorded in the config) to be trained from this model's VAE
+        encoder; decoding uses it from then on."""
+        self.decoder = FastLatentDecoder(latent_channels=self.latent_channels, **config).to(self.device)
+        self.register_to_config(decoder_config=public_config(self.decoder.config))
+        self._fingerprint = None
+        return self.decoder
+
+    def decode_raw_latent_signed(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            return super().decode_raw_latent_signed(raw)
+        return self.decoder.decode(raw.to(self.dtype))
+
     def update(self, force: bool = True) -> None:
         """Build the entropy coders' CDF tables from the learned distributions (once, when finalising).
         Table construction is CompressAI's: this needs the `train` extra; coding with the tables does not."""
@@ -156,12 +227,6 @@ class DiffoCodec(CodecBase):
         self._fingerprint = None
 
     # ------------------------------------------------------------------------------- the stages
-    def strength_for_rate(self, rate: float) -> float:
-        return strength_for_rate(rate, list(self.config.noise_rates), list(self.config.noise_strengths))
-
-    def timestep_for_strength(self, strength: float) -> int:
-        return timestep_for_strength(strength, self.config.num_train_timesteps)
-
     def control(self, c_hat: torch.Tensor, strength: float, noise: torch.Tensor) -> ControlOutput:
         t = torch.full((len(c_hat),), self.timestep_for_strength(strength), dtype=torch.long, device=c_hat.device)
         return self.denoiser.control(c_hat.to(self.dtype), t, noise.to(c_hat.device, self.dtype))
@@ -169,43 +234,4 @@ class DiffoCodec(CodecBase):
     def denoise(self, ctrl: ControlOutput) -> torch.Tensor:
         return self.denoiser.denoise(ctrl)
 
-    # --------------------------------------------------------------------- coding (the pipeline's interface)
-    def analyse(self, x: torch.Tensor, size: tuple[int, int]) -> EncodedLatent:
-        """Latent and base code once: they are the same for every rate level."""
-        latent = self.encode_latent(x.to(self.device)).float()
-        latent = latent.to(next(self.latent_codec.parameters()).device)
-        strings, indices = self.latent_codec.compress_base(latent, latent_valid(*size))
-        return EncodedLatent(latent, strings[0], indices, size)
-
-    def streams(self, enc: EncodedLatent, rate_q: int, coder=None) -> tuple[bytes, ...]:
-        """(base,) at level 0, else (base, z, y); with `coder`, everything is coded afresh with it."""
-        if coder is not None:
-            base = self.latent_codec.compress_base(enc.latent, enc.latent_valid, coder)[0][0]
-            if rate_q == 0:
-                return (base,)
-            z, y = self.latent_codec.compress_residual(enc.latent, enc.indices, rate_q, enc.latent_valid, None, coder)
-            return base, z[0], y[0]
-        if rate_q == 0:
-            return (enc.base_string,)
-        if enc.residual is None:
-            enc.residual = self.latent_codec.analyse_residual(enc.latent, enc.indices, enc.latent_valid)
-        z, y = self.latent_codec.compress_residual(enc.latent, enc.indices, rate_q, enc.latent_valid, enc.residual)
-        return enc.base_string, z[0], y[0]
-
-    def check_streams(self, bs) -> None:
-        if len(bs.streams) not in (1, 3):
-            raise BitstreamError(f"a DiffO stream holds 1 sub-stream (base) or 3 (base, z, y), got {len(bs.streams)}")
-
-    def _latent_shape(self, bs) -> tuple[int, int]:
-        return padded_latent_shape(bs.height, bs.width, self.config.pad_multiple)
-
-    def entropy_decode(self, bs, coder) -> torch.Tensor:
-        return self.latent_codec.decompress([bs.streams], self._latent_shape(bs), bs.rate_q,
-                                            latent_valid(bs.height, bs.width), coder)
-
-    def decode_symbols(self, bs, coder) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(base indices, residual ŷ or None at rate level 0)."""
-        idx, _, y_hat = self.latent_codec.decode_symbols([bs.streams], self._latent_shape(bs), bs.rate_q,
-                                                         latent_valid(bs.height, bs.width), coder)
-        return idx, y_hat
 

@@ -32,3 +32,22 @@ class UNetFeatureDiscriminator(nn.Module):
         """Per-level logit maps (real > 0)."""
         feats = self._denoiser[0].unet_features(x_t, timestep, unet=self.backbone)
         return [head(f) for head, f in zip(self.heads, feats)]
+
+
+class PatchDiscriminator(nn.Module):
+    """Pixel-space patch discriminator (PatchGAN) on decoded crops, for the realism stage: a logit per
+    overlapping patch of about 46 px. Spectrally normalised convolutions keep it stable at high weight."""
+
+    def __init__(self, channels: tuple = (32, 64, 128)):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        layers, c_in = [], 3
+        for c in channels:
+            layers += [sn(nn.Conv2d(c_in, c, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            c_in = c
+        layers += [sn(nn.Conv2d(c_in, c_in, 3, padding=1)), nn.LeakyReLU(0.2), nn.Conv2d(c_in, 1, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] → logit map (real > 0)."""
+        return self.net(img)

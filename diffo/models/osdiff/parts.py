@@ -102,7 +102,8 @@ class OSDiffCodecParts(OSDiffCoding, nn.Module):
                              f"{want[1]}], got {list(latent.shape)}")
         return pipeline.container(self, OSDiffAnalysis(latent.float().cpu(), size), 0, None, seed)
 
-    def features(self, x_t: torch.Tensor, hint: torch.Tensor, timestep: torch.Tensor,
-                 context: torch.Tensor) -> ControlFeatures:
-        """The control module's residuals for a base UNet at (x_t, timestep) (see cddm.control_features)."""
-        return control_features(self.control_module, x_t, hint, timestep, context)
+    def features(self, x_t: torch.Tensor, hint: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                 module: CDDM | None = None) -> ControlFeatures:
+        """The control module's residuals for a base UNet at (x_t, timestep) (see cddm.control_features);
+        `module`: a copy of `control_module` on another device or dtype."""
+        return control_features(module or self.control_module, x_t, hint, timestep, context)
