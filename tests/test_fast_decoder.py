@@ -65,3 +65,21 @@ def test_a_model_without_the_key_keeps_its_fingerprint():
     state = model.state_dict()
     config = {k: v for k, v in dict(model.config).items() if k != "decoder_config"}
     assert fingerprint_of(config, state) == fingerprint_of(model.config, state)
+
+
+@torch.no_grad()
+def test_the_same_pixels_for_one_and_two_threads_in_the_reproducible_setting():
+    from diffo import pipeline
+
+    dec = _random(1)
+    raw = torch.randn(1, 4, 40, 56)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with pipeline.reproducible():
+                outs.append(dec.decode(raw, tile=24, overlap=16))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])

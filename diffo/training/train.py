@@ -100,7 +100,7 @@ class TrainConfig:
                 f"stage), strength from the noise map or, in {self.random_strength_prob:.0%} of batches, "
                 f"uniform in [0, {max(noise_tuning.STRENGTHS):g}]; fast decoder: L1 + MSE against the photos from "
                 f"the frozen VAE encoder's latents; realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded "
-                f"crops + {self.realism_adv_weight:g}·pixel patch discriminator + the feature discriminator, "
+                f"crops + {self.realism_adv_weight:g}·pixel patch discriminator (non-saturating), "
                 f"strength uniform in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]")
 
 
@@ -544,7 +544,7 @@ class Trainer:
                 f"--minutes-vae {c.minutes['vae']} --minutes-codec {c.minutes['codec']} "
                 f"--minutes-denoiser {c.minutes['denoiser']} --minutes-decoder {c.minutes['decoder']} "
                 f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
-                f"--lambda-max {c.lambda_max:g}"
+                f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g}"
                 + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 
     def run(self) -> Path:
