@@ -104,19 +104,28 @@ def _ffmpeg(args: list[str], data: bytes, what: str) -> bytes:
     return proc.stdout
 
 
+VIDEO_BLOCK = 8  # vvenc refuses frames whose sides are not multiples of its minimum block (481x321 fails)
+
+
 def _video_codec(encoder: list[str], fmt: str):
-    """Encoder/decoder of one intra frame; `encoder` holds '{qp}' where the quantiser goes."""
+    """Encoder/decoder of one intra frame; `encoder` holds '{qp}' where the quantiser goes. The frame is padded
+    (edge pixels repeated) to multiples of VIDEO_BLOCK and cropped back after decoding; the padding's bytes count."""
     def encode(img: Image.Image, qp: float) -> bytes:
-        args = ["-f", "rawvideo", "-pix_fmt", "yuv444p", "-s", f"{img.width}x{img.height}", "-i", "-",
+        rgb = np.asarray(img)
+        ph, pw = -(-img.height // VIDEO_BLOCK) * VIDEO_BLOCK, -(-img.width // VIDEO_BLOCK) * VIDEO_BLOCK
+        rgb = np.pad(rgb, ((0, ph - img.height), (0, pw - img.width), (0, 0)), mode="edge")
+        args = ["-f", "rawvideo", "-pix_fmt", "yuv444p", "-s", f"{pw}x{ph}", "-i", "-",
                 "-frames:v", "1", *[a.format(qp=int(round(qp))) for a in encoder], "-f", fmt, "-"]
-        # the frame size travels in the stream (SPS); the 4-byte prefix is ours, for the decoder, and counted
+        # the frame size travels in the stream (SPS); the 4-byte prefix (the size before padding) is ours, for
+        # the decoder, and counted
         return img.width.to_bytes(2, "big") + img.height.to_bytes(2, "big") + \
-            _ffmpeg(args, rgb_to_ycbcr_planes(np.asarray(img)), f"encode with {encoder[1]}")
+            _ffmpeg(args, rgb_to_ycbcr_planes(rgb), f"encode with {encoder[1]}")
 
     def decode(data: bytes) -> Image.Image:
         w, h = int.from_bytes(data[:2], "big"), int.from_bytes(data[2:4], "big")
+        ph, pw = -(-h // VIDEO_BLOCK) * VIDEO_BLOCK, -(-w // VIDEO_BLOCK) * VIDEO_BLOCK
         planes = _ffmpeg(["-f", fmt, "-i", "-", "-f", "rawvideo", "-pix_fmt", "yuv444p", "-"], data[4:], f"decode {fmt}")
-        return Image.fromarray(ycbcr_planes_to_rgb(planes[:3 * w * h], h, w))
+        return Image.fromarray(ycbcr_planes_to_rgb(planes[:3 * pw * ph], ph, pw)[:h, :w])
 
     return encode, decode
 
