@@ -93,21 +93,29 @@ class StreamNoise:
                            device="cpu").to(samples.dtype)
 
 
-class OSDiffPatch:
-    """The hooks that add the control module's residuals to a ComfyUI UNet (see the module docstring)."""
+class _ControlPatch:
+    """A UNet function wrapper that runs the codec's control branch once per model call, on the sampled x_t and
+    timestep, then calls the UNet (or another node's wrapper, still called after ours) with its output handed on
+    (`_hand_on`, by family)."""
 
-    def __init__(self, parts, hint: torch.Tensor, patched, previous_wrapper=None):
-        self.parts, self.hint, self.patched = parts, hint, patched
-        self.previous_wrapper = previous_wrapper  # another node's UNet wrapper: still called, after ours
-        self._control = None  # the control module on the device and dtype of the first call
+    def __init__(self, parts, cond: torch.Tensor, patched, module, previous_wrapper=None):
+        self.parts, self.cond, self.patched = parts, cond, patched  # cond: OSDiff's hint, DiffO's ĉ (scaled)
+        self.previous_wrapper = previous_wrapper
+        self._module, self._copy = module, None  # the control branch; its copy on the sampling device and dtype
 
-    def _control_on(self, device, dtype):
-        c = self._control
+    def _module_on(self, device, dtype):
+        c = self._copy
         if c is None or next(c.parameters()).device != device or next(c.parameters()).dtype != dtype:
             import copy
 
-            c = self._control = copy.deepcopy(self.parts.control_module).to(device=device, dtype=dtype)  # a small copy
+            c = self._copy = copy.deepcopy(self._module).to(device=device, dtype=dtype)  # small: not the UNet
         return c
+
+    def _branch(self, module, xc, cond, t, context):
+        raise NotImplementedError
+
+    def _hand_on(self, c: dict, out) -> dict:
+        raise NotImplementedError
 
     def unet_wrapper(self, apply_model, args):
         x, sigma, c = args["input"], args["timestep"], args["c"]
@@ -115,20 +123,31 @@ class OSDiffPatch:
         xc = sampling.calculate_input(sigma, x)
         t = sampling.timestep(sigma).float()
         context = c.get("c_crossattn")
-        if tuple(x.shape[-2:]) != tuple(self.hint.shape[-2:]):
-            raise ValueError(f"the LATENT being sampled is {tuple(x.shape[-2:])} (latent units) but the stream's hint is "
-                             f"{tuple(self.hint.shape[-2:])}: sample the LATENT that DiffO Apply to Model gives")
+        if tuple(x.shape[-2:]) != tuple(self.cond.shape[-2:]):
+            raise ValueError(f"the LATENT being sampled is {tuple(x.shape[-2:])} (latent units) but the stream's is "
+                             f"{tuple(self.cond.shape[-2:])}: sample the LATENT that DiffO Apply to Model gives")
         dtype = context.dtype if context is not None and context.is_floating_point() else x.dtype
-        control = self._control_on(x.device, dtype)
-        hint = self.hint.to(x.device, dtype).expand(x.shape[0], -1, -1, -1)
+        module = self._module_on(x.device, dtype)
+        cond = self.cond.to(x.device, dtype).expand(x.shape[0], -1, -1, -1)
         with torch.no_grad():
-            feats = self.parts.features(xc.to(dtype), hint, t.to(x.device), context.to(x.device, dtype), control)
-        options = dict(c.get("transformer_options", {}))
-        options[FEATURES_KEY] = feats
-        c = {**c, "transformer_options": options}
+            out = self._branch(module, xc.to(dtype), cond, t.to(x.device), context.to(x.device, dtype))
+        c = self._hand_on(c, out)
         if self.previous_wrapper is not None:
             return self.previous_wrapper(apply_model, {**args, "c": c})
         return apply_model(x, sigma, **c)
+
+
+class OSDiffPatch(_ControlPatch):
+    """OSDiff's residuals go to the UNet's hooks through `transformer_options` (see the module docstring)."""
+
+    def __init__(self, parts, hint: torch.Tensor, patched, previous_wrapper=None):
+        super().__init__(parts, hint, patched, parts.control_module, previous_wrapper)
+
+    def _branch(self, module, xc, cond, t, context):
+        return self.parts.features(xc, cond, t, context, module)
+
+    def _hand_on(self, c, feats):
+        return {**c, "transformer_options": {**c.get("transformer_options", {}), FEATURES_KEY: feats}}
 
     @staticmethod
     def input_patch(h, transformer_options):
@@ -152,37 +171,18 @@ class OSDiffPatch:
         return h + feats.output[transformer_options["block"][1]].to(h.dtype), hsp
 
 
-class DiffoControlPatch:
+class DiffoControlPatch(_ControlPatch):
     """DiffO's ControlNet residuals, handed to the UNet as ComfyUI's `control` (added to those of any ControlNet
     already applied)."""
 
     def __init__(self, parts, c_hat: torch.Tensor, patched, previous_wrapper=None):
-        self.parts, self.c_hat, self.patched = parts, c_hat, patched
-        self.previous_wrapper = previous_wrapper
-        self._net = None
+        super().__init__(parts, c_hat, patched, parts.denoiser.controlnet, previous_wrapper)
 
-    def _net_on(self, device, dtype):
-        n = self._net
-        if n is None or next(n.parameters()).device != device or next(n.parameters()).dtype != dtype:
-            import copy
+    def _branch(self, module, xc, cond, t, context):
+        return self.parts.control(xc, t, cond, context, module)
 
-            n = self._net = copy.deepcopy(self.parts.denoiser.controlnet).to(device=device, dtype=dtype)
-        return n
-
-    def unet_wrapper(self, apply_model, args):
-        x, sigma, c = args["input"], args["timestep"], args["c"]
-        sampling = self.patched.get_model_object("model_sampling")
-        xc = sampling.calculate_input(sigma, x)
-        t = sampling.timestep(sigma).float()
-        context = c.get("c_crossattn")
-        if tuple(x.shape[-2:]) != tuple(self.c_hat.shape[-2:]):
-            raise ValueError(f"the LATENT being sampled is {tuple(x.shape[-2:])} (latent units) but the stream's latent "
-                             f"is {tuple(self.c_hat.shape[-2:])}: sample the LATENT that DiffO Apply to Model gives")
-        dtype = context.dtype if context is not None and context.is_floating_point() else x.dtype
-        net = self._net_on(x.device, dtype)
-        cond = self.c_hat.to(x.device, dtype).expand(x.shape[0], -1, -1, -1)
-        with torch.no_grad():
-            down, mid = self.parts.control(xc.to(dtype), t.to(x.device), cond, context.to(x.device, dtype), net)
+    def _hand_on(self, c, out):
+        down, mid = out
         control = {"output": list(down), "middle": [mid]}  # ComfyUI pops them from the end, as it pops the skips
         old = c.get("control")
         if old:  # another ControlNet's residuals: add ours to them
@@ -192,10 +192,7 @@ class DiffoControlPatch:
                 merged[key] = [a if i >= len(theirs) or theirs[i] is None else a + theirs[i]
                                for i, a in enumerate(ours)]
             control = merged
-        c = {**c, "control": control}
-        if self.previous_wrapper is not None:
-            return self.previous_wrapper(apply_model, {**args, "c": c})
-        return apply_model(x, sigma, **c)
+        return {**c, "control": control}
 
 
 def apply_to_model(model, parts, c_hat: torch.Tensor):

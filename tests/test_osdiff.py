@@ -309,7 +309,7 @@ def test_apply_to_model_hooks_give_the_library_decode(plugin, model, converted):
     from diffo import pipeline
 
     m = plugin.NODE_CLASS_MAPPINGS
-    parts = plugin.nodes.checkpoint.OSDiffCodecParts.from_dir(converted)
+    parts = plugin.nodes.checkpoint.load_parts(str(converted))
     assert parts.fingerprint == model.fingerprint
     assert not any(n.startswith(("unet.", "vae.")) for n, _ in parts.named_parameters())  # no second backbone
     assert sum(p.numel() for p in parts.parameters()) < 0.6 * sum(p.numel() for p in model.parameters())
@@ -332,7 +332,7 @@ def test_apply_to_model_hooks_give_the_library_decode(plugin, model, converted):
 
 
 def test_apply_to_model_refuses_a_model_that_is_not_the_base(plugin, model, converted):
-    parts = plugin.nodes.checkpoint.OSDiffCodecParts.from_dir(converted)
+    parts = plugin.nodes.checkpoint.load_parts(str(converted))
     wrong = FakeModelPatcher(model.unet, {**dict(model.unet.config), "cross_attention_dim": 768})
     with pytest.raises(ValueError, match=r"not the base OSDiff was trained on: prompt width 768"):
         plugin.nodes.checkpoint.check_base_model(wrong, parts)
@@ -391,6 +391,6 @@ def test_a_weight_outside_the_exact_grid_is_an_error_naming_it(tmp_path):
 
 
 def test_codec_parts_refuse_a_latent_of_the_wrong_size(plugin, converted):
-    parts = plugin.nodes.checkpoint.OSDiffCodecParts.from_dir(converted)
+    parts = plugin.nodes.checkpoint.load_parts(str(converted))
     with pytest.raises(ValueError, match=r"must be \[1, 4, 8, 16\]"):
         parts.compress(torch.zeros(1, 4, 8, 12), (64, 96))  # not padded to 64: would not decode

@@ -176,6 +176,41 @@ class CodecBase(ModelMixin, ConfigMixin):
         return self._fingerprint
 
 
+def load_parts_from_dir(parts, folder: Path, prefixes: tuple[str, ...]) -> bytes:
+    """Read only the tensors named under `prefixes` from a model folder's weights into `parts` (a module whose
+    state has exactly those names: checked), and return the whole model's fingerprint, computed by streaming the
+    file one tensor at a time (the codec-only loaders of the families, for running on a user's own UNet/VAE)."""
+    from safetensors import SafetensorError, safe_open
+
+    own = parts.state_dict()
+    state = {}
+
+    def tensors(f):  # every tensor once, in name order: the parts are kept, the rest only hashed
+        for key in sorted(f.keys()):
+            t = f.get_tensor(key)
+            if key.startswith(prefixes):
+                state[key] = t
+            yield key, t
+
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+            fingerprint = fingerprint_stream(parts.config, tensors(f))
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"cannot read {folder / WEIGHTS_NAME}: {e}") from e
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModelLoadError(f"the codec weights in {folder} do not match its config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    resize_table_buffers(parts, state)  # CDF tables are sized by update(): take the stored shapes
+    own = parts.state_dict()
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ModelLoadError(f"the codec weights in {folder} do not match its config: {bad[0]} is "
+                             f"{tuple(state[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}")
+    parts.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return fingerprint
+
+
 def padded_latent_shape(h: int, w: int, multiple: int) -> tuple[int, int]:
     """The latent size a codec works on: an H x W image padded to `multiple` pixels, over the VAE's factor 8."""
     return -(-h // multiple) * multiple // 8, -(-w // multiple) * multiple // 8

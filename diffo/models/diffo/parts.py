@@ -17,9 +17,8 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
-from ...entropy import resize_table_buffers
 from ...errors import ModelLoadError
-from ..base import CONFIG_NAME, WEIGHTS_NAME, fingerprint_stream, padded_latent_shape, read_config
+from ..base import CONFIG_NAME, load_parts_from_dir, padded_latent_shape, read_config
 from .codec import TINY_LATENT_CODEC, DiffoCodec, DiffoCoding
 from .latent_codec import DiffoLatentCodec
 
@@ -73,8 +72,6 @@ class DiffoCodecParts(DiffoCoding, nn.Module):
 
     @classmethod
     def from_dir(cls, folder: Path | str) -> "DiffoCodecParts":
-        from safetensors import SafetensorError, safe_open
-
         folder = Path(folder)
         config = read_config(folder)
         if config.get("_class_name") != DiffoCodec.__name__:
@@ -85,33 +82,7 @@ class DiffoCodecParts(DiffoCoding, nn.Module):
                 f"'{config.get('prediction_type')}'): only the 'sd' scale, built on a Stable Diffusion UNet "
                 "(epsilon or v prediction), runs on your checkpoint; use DiffO Load Model for this one")
         parts = cls(config)
-        own = parts.state_dict()
-        state = {}
-
-        def tensors(f):  # every tensor once, in name order: the parts are kept, the rest only hashed
-            for key in sorted(f.keys()):
-                t = f.get_tensor(key)
-                if key.startswith(PART_PREFIXES):
-                    state[key] = t
-                yield key, t
-
-        try:
-            with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-                fingerprint = fingerprint_stream(parts.config, tensors(f))
-        except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"cannot read {folder / WEIGHTS_NAME}: {e}") from e
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ModelLoadError(f"the codec weights in {folder} do not match its config: missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]}")
-        resize_table_buffers(parts, state)  # CDF tables are sized by update(): take the stored shapes
-        own = parts.state_dict()
-        bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-        if bad:
-            raise ModelLoadError(f"the codec weights in {folder} do not match its config: {bad[0]} is "
-                                 f"{tuple(state[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}")
-        parts.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-        parts.fingerprint = fingerprint
+        parts.fingerprint = load_parts_from_dir(parts, folder, PART_PREFIXES)
         return parts.eval().requires_grad_(False)
 
     def compress(self, latent: torch.Tensor, size: tuple[int, int], seed: int = 0, *, rate: float | None = None,

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from ...errors import ModelLoadError
-from ...entropy import resize_table_buffers
-from ..base import CONFIG_NAME, WEIGHTS_NAME, fingerprint_stream, padded_latent_shape, read_config
+from ..base import CONFIG_NAME, load_parts_from_dir, padded_latent_shape, read_config
 from ..sd import SD21_BASE_UNET, SD21_VAE
 from .cddm import CDDM, ControlFeatures, control_features
 from .codec import OSDIFF_CONTROL, OSDiffAnalysis, OSDiffCodec, OSDiffCoding
@@ -51,8 +50,6 @@ class OSDiffCodecParts(OSDiffCoding, nn.Module):
 
     @classmethod
     def from_dir(cls, folder: Path | str) -> "OSDiffCodecParts":
-        from safetensors import SafetensorError, safe_open
-
         folder = Path(folder)
         config = read_config(folder)
         if config.get("_class_name") != OSDiffCodec.__name__:
@@ -60,33 +57,7 @@ class OSDiffCodecParts(OSDiffCoding, nn.Module):
                                  "model: the codec weights for your own SD checkpoint come from an OSDiff model "
                                  "folder (python -m diffo convert osdiff)")
         parts = cls(config)
-        own = parts.state_dict()
-        state = {}
-
-        def tensors(f):  # every tensor once, in name order: the parts are kept, the rest only hashed
-            for key in sorted(f.keys()):
-                t = f.get_tensor(key)
-                if key.startswith(PART_PREFIXES):
-                    state[key] = t
-                yield key, t
-
-        try:
-            with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
-                fingerprint = fingerprint_stream(parts.config, tensors(f))
-        except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"cannot read {folder / WEIGHTS_NAME}: {e}") from e
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ModelLoadError(f"the codec weights in {folder} do not match its config: missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]}")
-        resize_table_buffers(parts, state)  # CDF tables are sized by update(): take the stored shapes
-        own = parts.state_dict()
-        bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-        if bad:
-            raise ModelLoadError(f"the codec weights in {folder} do not match its config: {bad[0]} is "
-                                 f"{tuple(state[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}")
-        parts.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-        parts.fingerprint = fingerprint
+        parts.fingerprint = load_parts_from_dir(parts, folder, PART_PREFIXES)
         return parts.eval().requires_grad_(False)
 
     def compress(self, latent: torch.Tensor, size: tuple[int, int], seed: int = 0) -> bytes:
