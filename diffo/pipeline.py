@@ -8,7 +8,7 @@
                             family with one rate per model, OSDiff, codes once whatever is asked)
     5. container            header + sub-streams + CRC (bitstream.py); bpp = 8 × len(bytes) / (H × W)
 Decoding reverses it: container → family and fingerprint check → entropy decode (c_hat: DiffO's ĉ, OSDiff's hint)
-→ control → one-step denoise → VAE decoder → crop. Images are decoded one at a time, so a batch gives the same
+→ control → one-step denoise → decoder → crop. Images are decoded one at a time, so a batch gives the same
 pixels as single calls. The families' steps are reached through `diffo.models.CodecBase` only.
 """
 
@@ -265,9 +265,9 @@ def decode(model: CodecBase, data: bytes | Bitstream, *, strength: float | None 
            denoise: bool = True, fast: bool = False, on_step: Step | None = None,
            max_pixels: int | None = None) -> torch.Tensor:
     """`.diffo` bytes → image [3, H, W] in [0, 1]. `strength`/`seed` override the stream's noise settings;
-    `denoise=False` skips the diffusion step (VAE-decodes ĉ directly: the ablation); `fast`: see
+    `denoise=False` skips the diffusion step (decodes ĉ directly: the ablation); `fast`: see
     `reproducible`. The same as `entropy_decode` → `control` → `denoise_latent` → `latent_to_image`.
-    `on_step` is called after entropy decoding, after each denoiser tile and after the VAE decoder
+    `on_step` is called after entropy decoding, after each denoiser tile and after the decoder
     (`decode_steps` of them). `max_pixels`: refuse streams that claim a larger image (see `entropy_decode`)."""
     if strength is not None:
         quantize_unit(strength)

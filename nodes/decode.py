@@ -111,8 +111,9 @@ class DiffOOneStepDenoise:
 
 
 class DiffOLatentToImage:
-    DESCRIPTION = ("Block 4 of the decoder: the DiffO model's VAE decoder turns a LATENT into pixels and crops "
-                   "the coding padding away (when a core node resized the latent, the crop scales with it).")
+    DESCRIPTION = ("Block 4 of the decoder: the DiffO model's decoder (its fast decoder, or the VAE's) turns a "
+                   "LATENT into pixels and crops the coding padding away (when a core node resized the latent, "
+                   "the crop scales with it).")
     CATEGORY = "DiffO/decode blocks"
     SEARCH_ALIASES = ["vae decode diffo", "latent to pixels", "diffo vae"]
     RETURN_TYPES = ("IMAGE",)
@@ -140,7 +141,7 @@ class DiffOLatentToImage:
 
 class DiffODecode:
     DESCRIPTION = ("Decodes .diffo streams to images in one node: entropy decode → control → one-step "
-                   "denoise → VAE decoder (the same pixels as the four DiffO decode blocks).")
+                   "denoise → decoder (the same pixels as the four DiffO decode blocks).")
     CATEGORY = "DiffO/decode"
     SEARCH_ALIASES = ["decompress image", "diffo decompress", "bitstream to image", "decode image"]
     RETURN_TYPES = ("IMAGE",)
@@ -155,7 +156,7 @@ class DiffODecode:
                              "strength_override": STRENGTH_OVERRIDE,
                              "seed_override": SEED_OVERRIDE,
                              "denoise": ("BOOLEAN", {"default": True, "tooltip":
-                                         "Off: skip the diffusion step and VAE-decode ĉ directly (the "
+                                         "Off: skip the diffusion step and decode ĉ directly (the "
                                          "ablation that shows what the step adds)."})}}
 
     def run(self, bitstream, diffo_model, strength_override, seed_override, denoise):
