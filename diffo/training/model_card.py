@@ -21,8 +21,7 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
     """Real encode → bytes → decode on centre crops of held-out photos: mean bpp, PSNR and MS-SSIM per
     rate level, and PSNR, HaarPSI and NIQE (no reference; lower is more natural) with and without the
     one-step denoiser."""
-    from ..tools.metrics import haarpsi, ms_ssim
-    from ..tools.niqe import niqe
+    from ..tools.metrics import haarpsi, ms_ssim, niqe
     from .. import pipeline
     from ..bitstream import bits_per_pixel
     from ..image import psnr
@@ -46,8 +45,8 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
             acc["haarpsi"] += haarpsi(img, rec)
             acc["haarpsi_nodenoise"] += haarpsi(img, plain)
             acc["ms_ssim"] += ms_ssim(img, rec)  # the eval command's metric (NaN below 161 px)
-            acc["niqe"] += niqe(rec)
-            acc["niqe_nodenoise"] += niqe(plain)
+            acc["niqe"] += niqe(img, rec)  # NaN below two 96x96 blocks, like MS-SSIM below 161 px
+            acc["niqe_nodenoise"] += niqe(img, plain)
         rows.append({k: (v / len(images) if k != "rate" else v) for k, v in acc.items()})
     return rows
 
