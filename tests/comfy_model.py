@@ -6,7 +6,7 @@ import torch
 
 
 class FakeModelSampling:
-    """ComfyUI's EPS model sampling for SD (discrete, scaled linear), enough for one step from sigma_max."""
+    """ComfyUI's EPS model sampling for SD (discrete, scaled linear), enough for one step from any of its sigmas."""
 
     def __init__(self):
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2

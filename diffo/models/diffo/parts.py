@@ -61,9 +61,6 @@ class DiffoCodecParts(DiffoCoding, nn.Module):
                                              **dict(self.config.latent_codec_config or TINY_LATENT_CODEC))
         self.denoiser = _Control(self.unet_config, channels, self.config.control_embedding_channels,
                                  self.config.prompt_length)
-        ac = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, self.config.num_train_timesteps,
-                                              dtype=torch.float64) ** 2, 0)
-        self.register_buffer("alphas_cumprod", ac.float(), persistent=False)  # as OneStepDenoiser's scheduler
         self.fingerprint = b""
 
     @property
@@ -98,7 +95,6 @@ class DiffoCodecParts(DiffoCoding, nn.Module):
         if tuple(latent.shape[-2:]) != want or tuple(latent.shape[:2]) != (1, channels):
             raise ValueError(f"the latent of a {w}x{h} image padded to a multiple of {m} must be [1, {channels}, "
                              f"{want[0]}, {want[1]}], got {list(latent.shape)}")
-        pipeline.check_rate_arguments(rate, bpp, max_bytes, seed, None)
         return pipeline.encode_analysis(self, self.analyse_latent(latent.cpu(), size), rate=rate, bpp=bpp,
                                         max_bytes=max_bytes, seed=seed)
 
