@@ -131,15 +131,65 @@ def random_osdiff_folder(base_file: Path, out: Path) -> Path:
     return out
 
 
+def random_diffo_sd_folder(base_file: Path, out: Path) -> Path:
+    """A DiffO model folder at the 'sd' scale on the UNet and VAE of `base_file`, with random latent-codec and
+    ControlNet weights (the ControlNet copied from the UNet, as `DiffoCodec.from_sd` starts training) and the
+    empty-prompt embedding: what `train --config sd` writes, without the training."""
+    import torch
+
+    from diffo.models.diffo.codec import SD_LATENT_CODEC, DiffoCodec
+    from diffo.models.osdiff.convert import _diffusers_base, load_base
+    from diffo.models.osdiff.prompt import empty_prompt_embedding
+    from diffo.models.sd import SD21_BASE_UNET, SD21_VAE
+
+    base = load_base(base_file)
+    unet, vae = _diffusers_base(base)
+    prompt = empty_prompt_embedding(base)
+    del base
+    torch.manual_seed(0)
+    model = DiffoCodec(vae_config=SD21_VAE, unet_config=SD21_BASE_UNET, latent_codec_config=SD_LATENT_CODEC,
+                       prediction_type="epsilon", prompt_length=77, control_embedding_channels=64,
+                       noise_rates=[0.0, 1.0], noise_strengths=[0.5, 0.15], name="diffo-sd-random-test").eval()
+    den = model.denoiser
+    with torch.no_grad():
+        den.unet.load_state_dict({k: v.float() for k, v in unet.items()})
+        model.vae.load_state_dict({k: v.float() for k, v in vae.items()})
+        den.controlnet.load_state_dict(den.controlnet.from_unet(
+            den.unet, conditioning_channels=4, conditioning_embedding_out_channels=(64,)).state_dict())
+        for block in [*den.controlnet.controlnet_down_blocks, den.controlnet.controlnet_mid_block]:
+            block.weight.normal_(0, 0.02)  # zero-initialised joins would make the control module a no-op
+        den.prompt_embeds.copy_(prompt)
+    model.update()
+    model.save_pretrained(out, half_precision=True, model_card="# A random DiffO sd-scale model for tests\n")
+    return out
+
+
+def _retarget(workflow: dict, codec: str, stream: str, prefix: str) -> dict:
+    """The same workflow on another codec folder and stream, saving under another prefix."""
+    for node in workflow["nodes"]:
+        kind, values = node["type"], node.get("widgets_values")
+        if kind == "DiffOLoadCodec":
+            values[0] = f"models/diffo/{codec}"
+        elif kind == "DiffOLoadBitstream":
+            values[0] = stream
+        elif kind in ("SaveImage", "DiffOSaveBitstream"):
+            values[0] = values[0].replace("osdiff", prefix)
+    return workflow
+
+
 def test_checkpoint_workflows_run_in_real_comfyui(tmp_path):
-    """The OSDiff workflows on the user's own checkpoint: a random-weight SD 2.1-base single file written with
-    ComfyUI's classes (its Load Checkpoint must detect it as SD 2.x, epsilon), an OSDiff folder on the same weights,
-    every workflow run in the real frontend; the one-step result against the library's decode of the same stream."""
+    """The checkpoint workflows on the user's own checkpoint, for both SD-scale families: a random-weight SD
+    2.1-base single file written with ComfyUI's classes (its Load Checkpoint must detect it as SD 2.x, epsilon), an
+    OSDiff folder and a DiffO 'sd' folder on the same weights, every workflow run in the real frontend once per
+    family (the DiffO copies differ only in the codec folder and stream they name); the one-step result against the
+    library's decode of the same stream."""
     comfy = _comfy_or_skip()
     comfy_python = os.environ.get("COMFY_PYTHON")
     if not comfy_python:
         pytest.skip("SKIPPED LOUDLY: COMFY_PYTHON (ComfyUI's Python) is needed to write the test checkpoint")
     harness = shared_path("tools", "comfy_acceptance.py")
+    import gc
+
     import numpy as np
     import torch
     from PIL import Image
@@ -154,28 +204,36 @@ def test_checkpoint_workflows_run_in_real_comfyui(tmp_path):
     ckpt = models / "v2-1_512-ema-pruned.safetensors"
     subprocess.run([comfy_python, str(ROOT / "tests" / "comfy_random_sd21.py"), comfy, str(ckpt)], check=True,
                    timeout=900)
-    codec = random_osdiff_folder(ckpt, models / "osdiff-lambda1")
-    model = load_model(codec)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     photo = load_image(sample_photo())[:, :192, :256]
     to_pil(photo).save(inputs / "diffo_example.png")
-    stream = pipeline.encode(model, photo, rate=1.0, seed=3)
-    (inputs / "osdiff_example.diffo").write_bytes(stream)
-    # ComfyUI's Save Image truncates to 8 bits (np.clip(255 * x).astype(uint8)); compare like with like
-    library = (pipeline.decode(model, stream) * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    families = {"osdiff": (random_osdiff_folder, "osdiff-lambda1"), "diffo_sd": (random_diffo_sd_folder, "diffo-sd")}
+    library = {}
+    for family, (build, folder) in families.items():
+        codec = build(ckpt, models / folder)
+        model = load_model(codec)
+        stream = pipeline.encode(model, photo, rate=1.0, seed=3)
+        (inputs / f"{family}_example.diffo").write_bytes(stream)
+        # ComfyUI's Save Image truncates to 8 bits (np.clip(255 * x).astype(uint8)); compare like with like
+        library[family] = (pipeline.decode(model, stream) * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        del model
+        gc.collect()  # two SD-size models in turn, not at once
 
     plugin = _clean_copy(tmp_path / "ComfyUI-DiffO")
     workflows = tmp_path / "workflows"
     workflows.mkdir()
     for name in CHECKPOINT_WORKFLOWS:
         shutil.copy2(plugin / "workflows" / f"{name}.json", workflows)
+        flow = json.loads((plugin / "workflows" / f"{name}.json").read_text())
+        (workflows / f"{name.replace('osdiff', 'diffo_sd')}.json").write_text(
+            json.dumps(_retarget(flow, families["diffo_sd"][1], "diffo_sd_example.diffo", "diffo_sd")))
     python = _harness_python()
     report_dir = Path(os.environ.get("DIFFO_HARNESS_REPORT_CHECKPOINT") or tmp_path / "report")
     cmd = [python, str(harness), "--plugin", str(plugin), "--workflows", str(workflows), "--report-dir",
            str(report_dir), "--timeout", "900", "--expect-nodes", "DiffOLoadCodec,DiffOApplyToModel",
-           "--input-files", *map(str, sorted(inputs.iterdir())),
-           "--model-file", f"checkpoints={ckpt}", "--model-file", f"diffo={codec}"]
+           "--input-files", *map(str, sorted(inputs.iterdir())), "--model-file", f"checkpoints={ckpt}",
+           *(a for _, folder in families.values() for a in ("--model-file", f"diffo={models / folder}"))]
     if not _browser_available(python):
         print("NOTE: playwright/chromium not found: the harness runs in API mode, not in the browser")
         cmd.append("--api-only")
@@ -186,19 +244,23 @@ def test_checkpoint_workflows_run_in_real_comfyui(tmp_path):
     report = json.loads((report_dir / "report.json").read_text())
     assert not report["import_failed_lines"], report["import_failed_lines"]
     results = {w["name"]: w for w in report["workflows"]}
-    assert set(results) == set(CHECKPOINT_WORKFLOWS)
+    assert set(results) == {n.replace("osdiff", f) for n in CHECKPOINT_WORKFLOWS for f in families}
     for name, w in results.items():
         assert not w["missing_node_types"], (name, w["missing_node_types"])
         assert w["ok"], (name, w["status"], w["error"])
-    assert "osdiff_00001.diffo" in json.dumps(results["osdiff_compress_checkpoint"]["ui_outputs"])
-    (png,) = [Path(o["copied_to"]) for o in results["osdiff_decompress_checkpoint"]["outputs"]
-              if o["filename"].endswith(".png")]
-    with Image.open(png) as im:
-        comfy_pixels = np.asarray(im.convert("RGB")).astype(np.int16)
-    assert comfy_pixels.shape == library.shape
-    diff = np.abs(comfy_pixels - library.astype(np.int16))
-    print(f"ComfyUI one step vs library decode: max {diff.max()} levels, mean {diff.mean():.4f}")
-    (report_dir / "equivalence.json").write_text(json.dumps({"max_levels": int(diff.max()),
-                                                             "mean_levels": float(diff.mean())}))
-    assert diff.max() <= 2 and diff.mean() < 0.05
+    equivalence = {}
+    for family in families:
+        assert f"{family}_00001.diffo" in json.dumps(results[f"{family}_compress_checkpoint"]["ui_outputs"])
+        (png,) = [Path(o["copied_to"]) for o in results[f"{family}_decompress_checkpoint"]["outputs"]
+                  if o["filename"].endswith(".png")]
+        with Image.open(png) as im:
+            comfy_pixels = np.asarray(im.convert("RGB")).astype(np.int16)
+        assert comfy_pixels.shape == library[family].shape
+        diff = np.abs(comfy_pixels - library[family].astype(np.int16))
+        print(f"{family}: ComfyUI one step vs library decode: max {diff.max()} levels, mean {diff.mean():.4f}, "
+              f"{int((diff > 0).sum())} of {diff.size} values differ")
+        equivalence[family] = {"max_levels": int(diff.max()), "mean_levels": float(diff.mean()),
+                               "values_differing": int((diff > 0).sum()), "values": int(diff.size)}
+        assert diff.max() <= 2 and diff.mean() < 0.05, (family, equivalence[family])
+    (report_dir / "equivalence.json").write_text(json.dumps(equivalence, indent=1))
     assert proc.returncode == 0, summary

@@ -544,7 +544,8 @@ class Trainer:
                 f"--minutes-vae {c.minutes['vae']} --minutes-codec {c.minutes['codec']} "
                 f"--minutes-denoiser {c.minutes['denoiser']} --minutes-decoder {c.minutes['decoder']} "
                 f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
-                f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g}"
+                f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
+                f"--realism-l1-weight {c.realism_l1_weight:g}"
                 + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 
     def run(self) -> Path:
