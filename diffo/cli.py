@@ -327,7 +327,7 @@ def cmd_train(args) -> int:
                       data=args.data, out=str(out),
                       stages=args.stages.split(",") if args.stages else None, noise_criterion=args.noise_criterion,
                       lambda_max=args.lambda_max, realism_adv_weight=args.realism_adv_weight,
-                      realism_l1_weight=args.realism_l1_weight,
+                      realism_l1_weight=args.realism_l1_weight, realism_real=args.realism_real,
                       minutes={"vae": args.minutes_vae, "decoder": args.minutes_decoder, "codec": args.minutes_codec,
                                "denoiser": args.minutes_denoiser, "realism": args.minutes_realism},
                       steps={k: args.steps for k in ("vae", "decoder", "codec", "denoiser", "realism")})
@@ -495,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="realism stage: weight of the pixel patch discriminator's loss")
     t.add_argument("--realism-l1-weight", type=float, default=1.0,
                    help="realism stage: weight of the decoded crops' L1 (lower: less pull to the blurry mean)")
+    t.add_argument("--realism-real", choices=["decoded", "photo"], default="decoded",
+                   help="realism stage: the discriminator's real crops are the decoded true latents, or the photos "
+                        "themselves (encoded on the fly; judged against real texture)")
     t.add_argument("--noise-criterion", choices=["haarpsi", "strongest"], default="haarpsi",
                    help="noise map: best held-out HaarPSI per rate, or the strongest noise within 0.3 dB of the "
                         "no-denoise PSNR (for a model trained with the realism stage)")

@@ -172,6 +172,35 @@ def test_stages_continue_a_saved_model_with_a_fast_decoder_and_the_realism_stage
     assert not torch.allclose(model.decode_latent(lat), init.decode_latent(lat))
 
 
+def test_realism_stage_can_judge_against_the_photos(data_dir, tmp_path, monkeypatch):
+    """`--realism-real photo`: the discriminator's real crops are the photo crops themselves (encoded on the
+    fly for the generator), not the decoded true latents; a wrong choice is refused by name."""
+    from diffo.models.diffo.discriminator import PatchDiscriminator
+    from diffo.training import data
+
+    init = DiffoCodec.from_preset("tiny")
+    init.update()
+    init.add_fast_decoder()
+    init.save_pretrained(tmp_path / "init")
+    cfg = _cfg(data_dir, tmp_path / "run")
+    cfg.init, cfg.stages, cfg.realism_real, cfg.realism_crop = str(tmp_path / "init"), ["latents", "realism"], \
+        "photo", 8
+    photos, seen = [], []
+    real_batch = data.CropSampler.batch
+    monkeypatch.setattr(data.CropSampler, "batch", lambda self, n: photos.append(real_batch(self, n)) or photos[-1])
+    real_forward = PatchDiscriminator.forward
+    monkeypatch.setattr(PatchDiscriminator, "forward", lambda self, img: seen.append(img.detach().clone())
+                        or real_forward(self, img))
+    train_mod.train(cfg)
+    assert len(photos) == 2 and photos[0].shape == (2, 3, 64, 64)
+    # per step: the generator's fake, then the real crops, then the fake again for the discriminator's update
+    assert torch.equal(seen[1], photos[0] * 2 - 1) and torch.equal(seen[4], photos[1] * 2 - 1)
+    assert not torch.allclose(seen[0], seen[1])
+    cfg.realism_real, cfg.out = "pixels", str(tmp_path / "run2")
+    with pytest.raises(ValueError, match="realism_real"):
+        train_mod.train(cfg)
+
+
 def test_stages_are_checked(tmp_path):
     cfg = TrainConfig(data=[str(tmp_path)], stages=["decoder", "realism"], init=str(tmp_path))
     with pytest.raises(ValueError, match="latent cache"):

@@ -87,6 +87,9 @@ class TrainConfig:
     realism_crop: int = 16  # decoded crops of this many latent pixels (of latent_crop) ...
     realism_batch: int = 8  # ... for each item of a batch of this many
     realism_strengths: tuple = (0.1, 0.6)  # strength drawn uniformly in this range for every batch
+    realism_real: str = "decoded"  # the discriminator's real crops: the decoded true latent, or the photo itself
+    # (photo: crops of realism_crop x 8 px encoded on the fly, so the step is judged against real texture, not
+    # against the VAE's own smooth reconstruction)
     checkpoint_minutes: float = 3.0
     seed: int = 0
 
@@ -100,7 +103,8 @@ class TrainConfig:
                 f"stage), strength from the noise map or, in {self.random_strength_prob:.0%} of batches, "
                 f"uniform in [0, {max(noise_tuning.STRENGTHS):g}]; fast decoder: L1 + MSE against the photos from "
                 f"the frozen VAE encoder's latents; realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded "
-                f"crops + {self.realism_adv_weight:g}·pixel patch discriminator (non-saturating), "
+                f"crops + {self.realism_adv_weight:g}·(strength / {self.realism_strengths[1]:g})·pixel patch discriminator (non-saturating; real crops: "
+                f"{'the photos' if self.realism_real == 'photo' else 'the decoded true latents'}), "
                 f"strength uniform in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]")
 
 
@@ -440,11 +444,17 @@ class Trainer:
         self._next_stage("denoiser")
 
     def stage_realism(self):
-        """Denoiser against a pixel-space patch discriminator on decoded crops (real: the decoded true latent;
-        fake: the decoded output), plus latent MSE and the decoded crops' L1. For the 'sd' config the UNet stays
+        """Denoiser against a pixel-space patch discriminator on decoded crops (real: the decoded true latent, or
+        with `realism_real="photo"` the photo crop itself; fake: the decoded output), plus latent MSE and the
+        decoded crops' L1 against the same real crops. For the 'sd' config the UNet stays
         frozen (only the control module trains), as in the denoiser stage."""
         cfg = self.cfg
-        sampler = self._latent_sampler()
+        if cfg.realism_real not in ("decoded", "photo"):
+            raise ValueError(f"realism_real must be 'decoded' or 'photo', not {cfg.realism_real!r}")
+        sampler = self._latent_sampler()  # also restores the latent scaling factor
+        photos = None
+        if cfg.realism_real == "photo":
+            photos = CropSampler(self.train_files, 8 * cfg.realism_crop, seed=cfg.seed + 2 + self.progress["step"])
         den = self.model.denoiser
         self.model.requires_grad_(False)
         gen_params = [p for n, p in den.named_parameters() if cfg.config != "sd" or not n.startswith("unet.")]
@@ -460,7 +470,12 @@ class Trainer:
         lo, hi = cfg.realism_strengths
 
         def step(i, opt, opts):
-            z = sampler.batch(cfg.realism_batch).to(self.device)
+            if photos is None:
+                z = sampler.batch(cfg.realism_batch).to(self.device)
+            else:
+                x = photos.batch(cfg.realism_batch).to(self.device) * 2 - 1
+                with torch.no_grad():
+                    z = self.model.vae.encode(x).latent_dist.mode() * sf
             rate_q = _sample_rate(self.rng, cfg)
             with torch.no_grad():
                 self.model.latent_codec.eval()
@@ -475,13 +490,16 @@ class Trainer:
             top = self.rng.randrange(z.shape[-2] - c + 1)
             left = self.rng.randrange(z.shape[-1] - c + 1)
             crop = lambda t_: t_[:n, :, top:top + c, left:left + c]  # noqa: E731
+            crop8 = lambda t_: t_[:n, :, 8 * top:8 * (top + c), 8 * left:8 * (left + c)]  # noqa: E731  (pixels)
             with torch.no_grad():
-                real = decode(crop(z))
+                real = decode(crop(z)) if photos is None else crop8(x)
             with self.acc.autocast():
                 fake = decode(crop(x0)).float()
                 g_adv = F.softplus(-disc(fake).float()).mean()
             l1 = F.l1_loss(fake, real)
-            loss = mse + cfg.realism_l1_weight * l1 + cfg.realism_adv_weight * g_adv
+            # the adversarial weight grows with the strength, so the decode-time strength trades fidelity for
+            # realism (and the noise map can choose where to sit)
+            loss = mse + cfg.realism_l1_weight * l1 + cfg.realism_adv_weight * (strength / hi) * g_adv
             opt.zero_grad(set_to_none=True)
             self.acc.backward(loss)
             torch.nn.utils.clip_grad_norm_(gen_params, 1.0)
@@ -545,7 +563,7 @@ class Trainer:
                 f"--minutes-denoiser {c.minutes['denoiser']} --minutes-decoder {c.minutes['decoder']} "
                 f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
                 f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
-                f"--realism-l1-weight {c.realism_l1_weight:g}"
+                f"--realism-l1-weight {c.realism_l1_weight:g} --realism-real {c.realism_real}"
                 + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 
     def run(self) -> Path:
