@@ -328,6 +328,7 @@ def cmd_train(args) -> int:
                       stages=args.stages.split(",") if args.stages else None, noise_criterion=args.noise_criterion,
                       lambda_max=args.lambda_max, realism_adv_weight=args.realism_adv_weight,
                       realism_l1_weight=args.realism_l1_weight, realism_real=args.realism_real,
+                      realism_adv_schedule=args.realism_adv_schedule,
                       minutes={"vae": args.minutes_vae, "decoder": args.minutes_decoder, "codec": args.minutes_codec,
                                "denoiser": args.minutes_denoiser, "realism": args.minutes_realism},
                       steps={k: args.steps for k in ("vae", "decoder", "codec", "denoiser", "realism")})
@@ -492,7 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lambda-max", type=float, default=4.0,
                    help="codec stage: distortion weight at the top rate level (higher: the top level spends more bits)")
     t.add_argument("--realism-adv-weight", type=float, default=0.1,
-                   help="realism stage: weight of the pixel patch discriminator's loss")
+                   help="realism stage: weight of the pixel patch discriminator's loss (at the top strength when "
+                        "--realism-adv-schedule strength)")
+    t.add_argument("--realism-adv-schedule", choices=["flat", "strength"], default="flat",
+                   help="realism stage: the adversarial weight flat, or scaled by strength / 0.6 so that the "
+                        "decode-time strength trades fidelity for realism")
     t.add_argument("--realism-l1-weight", type=float, default=1.0,
                    help="realism stage: weight of the decoded crops' L1 (lower: less pull to the blurry mean)")
     t.add_argument("--realism-real", choices=["decoded", "photo"], default="decoded",

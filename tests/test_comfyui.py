@@ -156,8 +156,9 @@ def random_diffo_sd_folder(base_file: Path, out: Path) -> Path:
         model.vae.load_state_dict({k: v.float() for k, v in vae.items()})
         den.controlnet.load_state_dict(den.controlnet.from_unet(
             den.unet, conditioning_channels=4, conditioning_embedding_out_channels=(64,)).state_dict())
-        for block in [*den.controlnet.controlnet_down_blocks, den.controlnet.controlnet_mid_block]:
-            block.weight.normal_(0, 0.02)  # zero-initialised joins would make the control module a no-op
+        for p in den.controlnet.parameters():  # zero-initialised joins and hint embedding output would make
+            if p.abs().max() == 0:  # the control module a no-op and hide a wrongly fed hint
+                p.normal_(0, 0.02)
         den.prompt_embeds.copy_(prompt)
     model.update()
     model.save_pretrained(out, half_precision=True, model_card="# A random DiffO sd-scale model for tests\n")
@@ -181,7 +182,7 @@ def test_checkpoint_workflows_run_in_real_comfyui(tmp_path):
     """The checkpoint workflows on the user's own checkpoint, for both SD-scale families: a random-weight SD
     2.1-base single file written with ComfyUI's classes (its Load Checkpoint must detect it as SD 2.x, epsilon), an
     OSDiff folder and a DiffO 'sd' folder on the same weights, every workflow run in the real frontend once per
-    family (the DiffO copies differ only in the codec folder and stream they name); the one-step result against the
+    family (the DiffO copies differ only in the codec folder, stream and output prefix they name); the one-step result against the
     library's decode of the same stream."""
     comfy = _comfy_or_skip()
     comfy_python = os.environ.get("COMFY_PYTHON")

@@ -194,11 +194,15 @@ def test_realism_stage_can_judge_against_the_photos(data_dir, tmp_path, monkeypa
     train_mod.train(cfg)
     assert len(photos) == 2 and photos[0].shape == (2, 3, 64, 64)
     # per step: the generator's fake, then the real crops, then the fake again for the discriminator's update
-    assert torch.equal(seen[1], photos[0] * 2 - 1) and torch.equal(seen[4], photos[1] * 2 - 1)
-    assert not torch.allclose(seen[0], seen[1])
-    cfg.realism_real, cfg.out = "pixels", str(tmp_path / "run2")
-    with pytest.raises(ValueError, match="realism_real"):
-        train_mod.train(cfg)
+    assert torch.equal(seen[1].cpu(), photos[0] * 2 - 1) and torch.equal(seen[4].cpu(), photos[1] * 2 - 1)
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "real crops: the photos" in card and "--realism-real photo --realism-adv-schedule flat" in card
+    cfg.realism_adv_schedule = "strength"
+    assert "0.1·(strength / 0.6)·pixel patch discriminator" in cfg.losses()
+    for bad in ({"realism_real": "pixels"}, {"realism_adv_schedule": "rising"}):  # refused before any stage runs
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), **bad))
+    assert not (tmp_path / "run2").exists()
 
 
 def test_stages_are_checked(tmp_path):

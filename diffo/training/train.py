@@ -83,10 +83,12 @@ class TrainConfig:
     decoder_crop: int = 128
     decoder_batch: int = 8
     realism_adv_weight: float = 0.1  # pixel patch discriminator (non-saturating loss) in the realism stage
-    realism_l1_weight: float = 1.0  # L1 of decoded crops against the decoded true latent
+    realism_l1_weight: float = 1.0  # L1 of decoded crops against the real crops (see realism_real)
     realism_crop: int = 16  # decoded crops of this many latent pixels (of latent_crop) ...
     realism_batch: int = 8  # ... for each item of a batch of this many
     realism_strengths: tuple = (0.1, 0.6)  # strength drawn uniformly in this range for every batch
+    realism_adv_schedule: str = "flat"  # flat, or "strength": the weight scaled by strength / the top strength,
+    # so that the decode-time strength trades fidelity for realism (and the noise map can choose where to sit)
     realism_real: str = "decoded"  # the discriminator's real crops: the decoded true latent, or the photo itself
     # (photo: crops of realism_crop x 8 px encoded on the fly, so the step is judged against real texture, not
     # against the VAE's own smooth reconstruction)
@@ -95,6 +97,8 @@ class TrainConfig:
 
     def losses(self) -> str:
         """The objectives of each stage with this configuration's weights (for the model card)."""
+        scale = f"·(strength / {self.realism_strengths[1]:g})" if self.realism_adv_schedule == "strength" else ""
+        real = "the photos" if self.realism_real == "photo" else "the decoded true latents"
         return (f"VAE L1 + MSE + 1e-4·KL; latent codec bits per pixel + λ·MSE (λ {self.lambda_min:g} at rate "
                 f"level 0 to {self.lambda_max:g} at 1, geometric) + VQ codebook + 0.25·commitment, base code alone in "
                 f"{self.base_only_prob:.0%} of batches, dead codes restarted; control module + UNet: latent MSE "
@@ -103,8 +107,8 @@ class TrainConfig:
                 f"stage), strength from the noise map or, in {self.random_strength_prob:.0%} of batches, "
                 f"uniform in [0, {max(noise_tuning.STRENGTHS):g}]; fast decoder: L1 + MSE against the photos from "
                 f"the frozen VAE encoder's latents; realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded "
-                f"crops + {self.realism_adv_weight:g}·(strength / {self.realism_strengths[1]:g})·pixel patch discriminator (non-saturating; real crops: "
-                f"{'the photos' if self.realism_real == 'photo' else 'the decoded true latents'}), "
+                f"crops against the real crops + {self.realism_adv_weight:g}{scale}·pixel patch discriminator "
+                f"(non-saturating; real crops: {real}), "
                 f"strength uniform in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]")
 
 
@@ -125,6 +129,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         Accelerator = require("accelerate", "Training").Accelerator
 
+        if cfg.realism_real not in ("decoded", "photo") or cfg.realism_adv_schedule not in ("flat", "strength"):
+            raise ValueError(f"realism_real must be 'decoded' or 'photo' (got {cfg.realism_real!r}) and "
+                             f"realism_adv_schedule 'flat' or 'strength' (got {cfg.realism_adv_schedule!r})")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.ckdir = self.out / "checkpoint"
@@ -449,8 +456,6 @@ class Trainer:
         decoded crops' L1 against the same real crops. For the 'sd' config the UNet stays
         frozen (only the control module trains), as in the denoiser stage."""
         cfg = self.cfg
-        if cfg.realism_real not in ("decoded", "photo"):
-            raise ValueError(f"realism_real must be 'decoded' or 'photo', not {cfg.realism_real!r}")
         sampler = self._latent_sampler()  # also restores the latent scaling factor
         photos = None
         if cfg.realism_real == "photo":
@@ -497,9 +502,8 @@ class Trainer:
                 fake = decode(crop(x0)).float()
                 g_adv = F.softplus(-disc(fake).float()).mean()
             l1 = F.l1_loss(fake, real)
-            # the adversarial weight grows with the strength, so the decode-time strength trades fidelity for
-            # realism (and the noise map can choose where to sit)
-            loss = mse + cfg.realism_l1_weight * l1 + cfg.realism_adv_weight * (strength / hi) * g_adv
+            adv_weight = cfg.realism_adv_weight * (strength / hi if cfg.realism_adv_schedule == "strength" else 1.0)
+            loss = mse + cfg.realism_l1_weight * l1 + adv_weight * g_adv
             opt.zero_grad(set_to_none=True)
             self.acc.backward(loss)
             torch.nn.utils.clip_grad_norm_(gen_params, 1.0)
@@ -563,7 +567,8 @@ class Trainer:
                 f"--minutes-denoiser {c.minutes['denoiser']} --minutes-decoder {c.minutes['decoder']} "
                 f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
                 f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
-                f"--realism-l1-weight {c.realism_l1_weight:g} --realism-real {c.realism_real}"
+                f"--realism-l1-weight {c.realism_l1_weight:g} --realism-real {c.realism_real} "
+                f"--realism-adv-schedule {c.realism_adv_schedule}"
                 + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 
     def run(self) -> Path:
