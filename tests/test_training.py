@@ -56,6 +56,12 @@ def test_train_stops_and_resumes_to_a_loadable_model(data_dir, tmp_path, monkeyp
         if not k.endswith(("_quantized_cdf", "_offset", "_cdf_length")):
             assert torch.equal(v, model.latent_codec.state_dict()[k].to(v.dtype)), k
     assert (folder / "README.md").read_text().startswith("---")
+    # the latent scale the codec was trained at is the one saved (it was once lost on saving: registered on the
+    # VAE only, while save_pretrained writes the model's vae_config)
+    trained_scale = json.loads((out / "checkpoint" / "progress.json").read_text())["progress"]["scaling_factor"]
+    assert trained_scale != 1.0
+    assert model.vae.config.scaling_factor == pytest.approx(trained_scale)
+    assert json.loads((folder / "config.json").read_text())["vae_config"]["scaling_factor"] == pytest.approx(trained_scale)
 
     from diffo import pipeline
 

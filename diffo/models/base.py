@@ -77,6 +77,14 @@ class CodecBase(ModelMixin, ConfigMixin):
         dist = self.vae.encode(x.to(self.dtype) * 2 - 1).latent_dist
         return dist.mode() * self.vae.config.scaling_factor
 
+    def set_latent_scale(self, scale: float) -> None:
+        """Set the VAE's latent scaling factor in the VAE and in this model's own `vae_config`, which is what
+        `save_pretrained` writes (registering it on the VAE alone is lost on saving)."""
+        self.vae.register_to_config(scaling_factor=scale)
+        if self.config.get("vae_config"):
+            self.register_to_config(vae_config={**dict(self.config.vae_config), "scaling_factor": scale})
+        self._fingerprint = None
+
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled latent → image batch in [0, 1]."""
         return self.decode_raw_latent(latent.float() / self.vae.config.scaling_factor)

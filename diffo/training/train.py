@@ -188,7 +188,7 @@ class Trainer:
         ckpt.load_module(self.ckdir, "model", self.model)
         # config values set by earlier stages (checkpoints hold weights only)
         if self.progress.get("scaling_factor"):
-            self.model.vae.register_to_config(scaling_factor=self.progress["scaling_factor"])
+            self.model.set_latent_scale(self.progress["scaling_factor"])
         if self.progress.get("noise_strengths"):
             self.model.register_to_config(noise_rates=self.progress["noise_rates"],
                                           noise_strengths=self.progress["noise_strengths"])
@@ -285,7 +285,7 @@ class Trainer:
                 dist = self.model.vae.encode(v[..., :h, :w] * 2 - 1).latent_dist
                 lat.append(dist.mode()[0].cpu())
         std = torch.cat([z.flatten() for z in lat]).std().item()
-        self.model.vae.register_to_config(scaling_factor=1.0 / std)
+        self.model.set_latent_scale(1.0 / std)
         sf = self.model.vae.config.scaling_factor
         from safetensors.torch import save_file
 
@@ -323,7 +323,7 @@ class Trainer:
 
         sf = self.progress.get("scaling_factor")
         if sf:
-            self.model.vae.register_to_config(scaling_factor=sf)
+            self.model.set_latent_scale(sf)
         cache = load_file(self.out / "latents.safetensors")
         return LatentCropSampler([cache[k] for k in sorted(cache, key=int)], self.cfg.latent_crop,
                                  seed=self.cfg.seed + self.progress["step"])
