@@ -321,9 +321,7 @@ class Trainer:
     def _latent_sampler(self) -> LatentCropSampler:
         from safetensors.torch import load_file
 
-        sf = self.progress.get("scaling_factor")
-        if sf:
-            self.model.set_latent_scale(sf)
+        # the latent scale is already set: by the latents stage, or from the checkpoint by _resume
         cache = load_file(self.out / "latents.safetensors")
         return LatentCropSampler([cache[k] for k in sorted(cache, key=int)], self.cfg.latent_crop,
                                  seed=self.cfg.seed + self.progress["step"])
@@ -456,10 +454,11 @@ class Trainer:
         decoded crops' L1 against the same real crops. For the 'sd' config the UNet stays
         frozen (only the control module trains), as in the denoiser stage."""
         cfg = self.cfg
-        sampler = self._latent_sampler()  # also restores the latent scaling factor
-        photos = None
+        sampler = photos = None  # latent crops from the cache, or photo crops encoded on the fly
         if cfg.realism_real == "photo":
             photos = CropSampler(self.train_files, 8 * cfg.realism_crop, seed=cfg.seed + 2 + self.progress["step"])
+        else:
+            sampler = self._latent_sampler()
         den = self.model.denoiser
         self.model.requires_grad_(False)
         gen_params = [p for n, p in den.named_parameters() if cfg.config != "sd" or not n.startswith("unet.")]
