@@ -220,3 +220,39 @@ def test_stages_are_checked(tmp_path):
     with pytest.raises(ValueError, match="inapplicable"):
         Trainer._stage_list(TrainConfig(config="sd", stages=["decoder"], init="x"))
     assert Trainer._stage_list(TrainConfig(stages=["latents", "realism"], init="x")) == ["latents", "realism", "final"]
+
+
+def test_decoder_stage_can_train_against_a_patch_discriminator(data_dir, tmp_path, monkeypatch):
+    """`--decoder-adv-weight`: the fast decoder's loss gains the discriminator's term at the adaptive weight; the
+    discriminator sees the photos as real, is checkpointed, and the card records the option."""
+    from safetensors.torch import load_file
+
+    from diffo.models.diffo.discriminator import PatchDiscriminator
+
+    init = DiffoCodec.from_preset("tiny")
+    init.update()
+    init.save_pretrained(tmp_path / "init")
+    cfg = _cfg(data_dir, tmp_path / "run")
+    cfg.init, cfg.stages, cfg.decoder_adv_weight = str(tmp_path / "init"), ["decoder"], 0.5
+    seen = []
+    real_forward = PatchDiscriminator.forward
+    monkeypatch.setattr(PatchDiscriminator, "forward", lambda self, img: seen.append(img.detach().clone())
+                        or real_forward(self, img))
+    folder = train_mod.train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    done = [r for r in rows if r.get("stage") == "decoder" and r.get("done")][0]
+    assert done["step"] == 2 and done["w"] > 0 and done["g_adv"] > 0 and done["d_loss"] > 0
+    # per step: the generator's fake, then the real crops (photos in [-1, 1]), then the fake for the disc's update
+    assert len(seen) == 6 and seen[1].shape == (2, 3, 64, 64) and seen[1].min() >= -1 and seen[1].max() <= 1
+    assert not torch.equal(seen[1], seen[2])
+    assert load_file(tmp_path / "run" / "checkpoint" / "decoder_disc.safetensors")  # resumable
+    assert "--decoder-adv-weight 0.5" in (folder / "README.md").read_text()
+    assert "0.5·adaptive weight·pixel patch discriminator" in cfg.losses()
+    assert "patch discriminator" not in TrainConfig().losses().split("realism:")[0]  # off by default
+
+
+def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
+    w = torch.ones(3, requires_grad=True)
+    rec = (w * torch.tensor([3.0, 0.0, 4.0])).sum()  # gradient norm 5
+    adv = (w * torch.tensor([0.0, 0.5, 0.0])).sum()  # gradient norm 0.5
+    assert train_mod.adaptive_weight(rec, adv, w).item() == pytest.approx(10.0, rel=1e-3)

@@ -82,6 +82,8 @@ class TrainConfig:
     pixel_batch: int = 2  # ... for this many items of the batch
     decoder_crop: int = 128
     decoder_batch: int = 8
+    decoder_adv_weight: float = 0.0  # fast decoder: pixel patch discriminator (non-saturating), its gradient
+    # scaled to the reconstruction loss's at the last layer (VQGAN's adaptive weight) times this; 0: L1 + MSE only
     realism_adv_weight: float = 0.1  # pixel patch discriminator (non-saturating loss) in the realism stage
     realism_l1_weight: float = 1.0  # L1 of decoded crops against the real crops (see realism_real)
     realism_crop: int = 16  # decoded crops of this many latent pixels (of latent_crop) ...
@@ -99,6 +101,9 @@ class TrainConfig:
         """The objectives of each stage with this configuration's weights (for the model card)."""
         scale = f"·(strength / {self.realism_strengths[1]:g})" if self.realism_adv_schedule == "strength" else ""
         real = "the photos" if self.realism_real == "photo" else "the decoded true latents"
+        dec_adv = (f" + {self.decoder_adv_weight:g}·adaptive weight·pixel patch discriminator (non-saturating; "
+                   f"the weight matches its gradient at the last layer to the reconstruction loss's)"
+                   if self.decoder_adv_weight else "")
         return (f"VAE L1 + MSE + 1e-4·KL; latent codec bits per pixel + λ·MSE (λ {self.lambda_min:g} at rate "
                 f"level 0 to {self.lambda_max:g} at 1, geometric) + VQ codebook + 0.25·commitment, base code alone in "
                 f"{self.base_only_prob:.0%} of batches, dead codes restarted; control module + UNet: latent MSE "
@@ -106,7 +111,7 @@ class TrainConfig:
                 f"of the discriminator on the UNet's middle-layer features (from {self.adv_start:.0%} of the "
                 f"stage), strength from the noise map or, in {self.random_strength_prob:.0%} of batches, "
                 f"uniform in [0, {max(noise_tuning.STRENGTHS):g}]; fast decoder: L1 + MSE against the photos from "
-                f"the frozen VAE encoder's latents; realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded "
+                f"the frozen VAE encoder's latents{dec_adv}; realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded "
                 f"crops against the real crops + {self.realism_adv_weight:g}{scale}·pixel patch discriminator "
                 f"(non-saturating; real crops: {real}), "
                 f"strength uniform in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]")
@@ -115,6 +120,14 @@ class TrainConfig:
 def _lambda(cfg: TrainConfig, rate_q: int) -> float:
     r = rate_q / MAX_RATE_Q
     return cfg.lambda_min * (cfg.lambda_max / cfg.lambda_min) ** r
+
+
+def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """VQGAN's adaptive weight: the ratio of the two losses' gradient norms at the generator's last layer, so
+    that the adversarial term pulls as hard as the reconstruction whatever their scales (detached)."""
+    g_rec = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0].norm()
+    g_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0].norm()
+    return (g_rec / (g_adv + 1e-4)).clamp(max=1e4).detach()
 
 
 def _sample_rate(rng: random.Random, cfg: TrainConfig) -> int:
@@ -160,6 +173,7 @@ class Trainer:
         self.progress = {"stage": self.stages[0], "step": 0, "seconds": {}}
         self.disc: UNetFeatureDiscriminator | None = None
         self.patch_disc: PatchDiscriminator | None = None
+        self.decoder_disc: PatchDiscriminator | None = None
         if (self.ckdir / "progress.json").is_file():
             self._resume()
 
@@ -222,6 +236,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.progress["step"], desc=stage, mininterval=5, dynamic_ncols=True)
         last_ck = time.time()
         t0 = time.time() - spent
+        stats: dict = {}  # the last step's losses, logged with the stage's end
         while self.progress["step"] < total and time.time() - t0 < budget:
             done = max(self.progress["step"] / total, (time.time() - t0) / budget)
             for group in opt.param_groups:
@@ -239,7 +254,7 @@ class Trainer:
                 last_ck = time.time()
         bar.close()
         self.progress["seconds"][stage] = time.time() - t0
-        self._log(stage=stage, step=self.progress["step"], t=round(time.time() - t0), done=True)
+        self._log(stage=stage, step=self.progress["step"], t=round(time.time() - t0), done=True, **stats)
         logger.info("stage %s done: %d steps in %.0f s", stage, self.progress["step"], time.time() - t0)
 
     def _next_stage(self, stage: str):
@@ -296,11 +311,22 @@ class Trainer:
 
     def stage_decoder(self):
         """The fast decoder from the frozen VAE encoder's latents (sampled from the posterior, as the VAE's
-        decoder was trained) against the photos."""
+        decoder was trained) against the photos; with `decoder_adv_weight`, also against a pixel patch
+        discriminator, so that it renders texture instead of the blurry mean an L1 + MSE decoder learns."""
         cfg = self.cfg
         sampler = CropSampler(self.train_files, cfg.decoder_crop, seed=cfg.seed + 1 + self.progress["step"])
         vae, dec = self.model.vae, self.model.decoder
         vae.requires_grad_(False)
+        adversarial = cfg.decoder_adv_weight > 0
+        extra, disc_opt = {}, None
+        if adversarial:
+            if self.decoder_disc is None:
+                self.decoder_disc = PatchDiscriminator().to(self.device)
+                ckpt.load_module(self.ckdir, "decoder_disc", self.decoder_disc)
+            disc = self.decoder_disc
+            disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr["decoder"] / 5, betas=(0.5, 0.999))
+            extra = {"decoder_disc": disc_opt}
+            last = [m for m in dec.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight
 
         def step(i, opt, _):
             x = sampler.batch(cfg.decoder_batch).to(self.device) * 2 - 1
@@ -309,13 +335,27 @@ class Trainer:
             with self.acc.autocast():
                 rec = dec(raw).float()
             l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
+            loss, stats = l1 + mse, {}
+            if adversarial:
+                g_adv = F.softplus(-disc(rec).float()).mean()
+                weight = cfg.decoder_adv_weight * adaptive_weight(loss, g_adv, last)
+                loss = loss + weight * g_adv
+                stats = {"g_adv": g_adv.item(), "w": weight.item()}
             opt.zero_grad(set_to_none=True)
-            self.acc.backward(l1 + mse)
+            self.acc.backward(loss)
             torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
             opt.step()
-            return {"l1": l1.item(), "psnr": 10 * math.log10(4 / max(mse.item(), 1e-10))}
+            if adversarial:
+                d_real, d_fake = disc(x).float(), disc(rec.detach()).float()
+                d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+                disc_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_opt.step()
+                stats["d_loss"] = d_loss.item()
+            return {"l1": l1.item(), "psnr": 10 * math.log10(4 / max(mse.item(), 1e-10)), **stats}
 
-        self._loop("decoder", dec.parameters(), step)
+        self._loop("decoder", dec.parameters(), step, optimizers_extra=extra,
+                   extra_modules=(lambda: {"decoder_disc": self.decoder_disc}) if adversarial else None)
         self._next_stage("decoder")
 
     def _latent_sampler(self) -> LatentCropSampler:
@@ -567,7 +607,7 @@ class Trainer:
                 f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
                 f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
                 f"--realism-l1-weight {c.realism_l1_weight:g} --realism-real {c.realism_real} "
-                f"--realism-adv-schedule {c.realism_adv_schedule}"
+                f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g}"
                 + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 
     def run(self) -> Path:
