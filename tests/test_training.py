@@ -224,7 +224,8 @@ def test_stages_are_checked(tmp_path):
 
 def test_decoder_stage_can_train_against_a_patch_discriminator(data_dir, tmp_path, monkeypatch):
     """`--decoder-adv-weight`: the fast decoder's loss gains the discriminator's term at the adaptive weight; the
-    discriminator sees the photos as real, is checkpointed, and the card records the option."""
+    discriminator sees the photos as real and trains, is checkpointed, and the card records the option."""
+    from accelerate import Accelerator
     from safetensors.torch import load_file
 
     from diffo.models.diffo.discriminator import PatchDiscriminator
@@ -234,21 +235,38 @@ def test_decoder_stage_can_train_against_a_patch_discriminator(data_dir, tmp_pat
     init.save_pretrained(tmp_path / "init")
     cfg = _cfg(data_dir, tmp_path / "run")
     cfg.init, cfg.stages, cfg.decoder_adv_weight = str(tmp_path / "init"), ["decoder"], 0.5
-    seen = []
+    seen, first_state, losses = [], {}, []
     real_forward = PatchDiscriminator.forward
-    monkeypatch.setattr(PatchDiscriminator, "forward", lambda self, img: seen.append(img.detach().clone())
-                        or real_forward(self, img))
+
+    def spy(self, img):
+        if not first_state:
+            first_state.update({k: v.clone() for k, v in self.state_dict().items()})
+        seen.append(img.detach().clone())
+        return real_forward(self, img)
+
+    monkeypatch.setattr(PatchDiscriminator, "forward", spy)
+    real_backward = Accelerator.backward
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: losses.append(loss.item())
+                        or real_backward(self, loss, **kw))
     folder = train_mod.train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     done = [r for r in rows if r.get("stage") == "decoder" and r.get("done")][0]
-    assert done["step"] == 2 and done["w"] > 0 and done["g_adv"] > 0 and done["d_loss"] > 0
-    # per step: the generator's fake, then the real crops (photos in [-1, 1]), then the fake for the disc's update
-    assert len(seen) == 6 and seen[1].shape == (2, 3, 64, 64) and seen[1].min() >= -1 and seen[1].max() <= 1
-    assert not torch.equal(seen[1], seen[2])
-    assert load_file(tmp_path / "run" / "checkpoint" / "decoder_disc.safetensors")  # resumable
+    assert done["step"] == 2 and len(losses) == 2
+    # the generator's loss is the reconstruction plus the weighted adversarial term (the last step's figures)
+    mse = 4 / 10 ** (done["psnr"] / 10)
+    assert done["w"] > 0 and losses[-1] == pytest.approx(done["l1"] + mse + done["w"] * done["g_adv"], rel=1e-4)
+    # per step: the generator's fake, then the real crops (the photos: 8-bit values in [-1, 1]), then the same fake
+    assert len(seen) == 6 and seen[1].shape == (2, 3, 64, 64) and torch.equal(seen[0], seen[2])
+    levels = (seen[1] + 1) / 2 * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and not torch.equal(seen[1], seen[0])
+    saved = load_file(tmp_path / "run" / "checkpoint" / "decoder_disc.safetensors")  # resumable, and it trained
+    assert any(not torch.equal(saved[k], v) for k, v in first_state.items())
     assert "--decoder-adv-weight 0.5" in (folder / "README.md").read_text()
     assert "0.5·adaptive weight·pixel patch discriminator" in cfg.losses()
     assert "patch discriminator" not in TrainConfig().losses().split("realism:")[0]  # off by default
+    for bad in ({"decoder_adv_weight": -1.0}, {"decoder_adv_weight": 0.5, "mixed_precision": "fp16"}):
+        with pytest.raises(ValueError, match="decoder_adv_weight"):
+            Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), **bad))
 
 
 def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():

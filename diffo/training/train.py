@@ -145,6 +145,10 @@ class Trainer:
         if cfg.realism_real not in ("decoded", "photo") or cfg.realism_adv_schedule not in ("flat", "strength"):
             raise ValueError(f"realism_real must be 'decoded' or 'photo' (got {cfg.realism_real!r}) and "
                              f"realism_adv_schedule 'flat' or 'strength' (got {cfg.realism_adv_schedule!r})")
+        if cfg.decoder_adv_weight < 0 or (cfg.decoder_adv_weight and cfg.mixed_precision == "fp16"):
+            # fp16 without loss scaling can underflow the adversarial gradient that sets the adaptive weight
+            raise ValueError(f"decoder_adv_weight must be >= 0 (got {cfg.decoder_adv_weight!r}) and needs "
+                             f"--mixed-precision bf16 or no (got {cfg.mixed_precision!r})")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.ckdir = self.out / "checkpoint"
@@ -337,6 +341,7 @@ class Trainer:
             l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
             loss, stats = l1 + mse, {}
             if adversarial:
+                disc.requires_grad_(False)  # the generator's step needs no gradient for the discriminator
                 g_adv = F.softplus(-disc(rec).float()).mean()
                 weight = cfg.decoder_adv_weight * adaptive_weight(loss, g_adv, last)
                 loss = loss + weight * g_adv
@@ -346,6 +351,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
             opt.step()
             if adversarial:
+                disc.requires_grad_(True)
                 d_real, d_fake = disc(x).float(), disc(rec.detach()).float()
                 d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
                 disc_opt.zero_grad(set_to_none=True)
