@@ -1,6 +1,7 @@
 """The training command end to end on a handful of synthetic photos: every stage, checkpoints, resume."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -274,3 +275,17 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
     rec = (w * torch.tensor([3.0, 0.0, 4.0])).sum()  # gradient norm 5
     adv = (w * torch.tensor([0.0, 0.5, 0.0])).sum()  # gradient norm 0.5
     assert train_mod.adaptive_weight(rec, adv, w).item() == pytest.approx(10.0, rel=1e-3)
+
+
+def test_the_generators_pass_leaves_the_discriminator_without_gradients_and_its_flags_as_they_were():
+    from diffo.models.diffo.discriminator import discriminator_loss, frozen, generator_loss
+
+    disc = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 1, 1))
+    disc[0].requires_grad_(False)  # a frozen backbone, as in the UNet-feature discriminator
+    fake = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with frozen(disc):
+        generator_loss([disc(fake), disc(fake)]).backward()
+    assert fake.grad is not None and all(p.grad is None for p in disc.parameters())
+    assert [p.requires_grad for p in disc.parameters()] == [False, False, True, True]
+    real_logits, fake_logits = torch.full((1, 1, 2, 2), 3.0), torch.full((1, 1, 2, 2), -3.0)
+    assert discriminator_loss(real_logits, fake_logits).item() == pytest.approx(2 * math.log1p(math.exp(-3.0)))

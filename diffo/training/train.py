@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models.diffo.codec import DiffoCodec
-from ..models.diffo.discriminator import PatchDiscriminator, UNetFeatureDiscriminator
+from ..models.diffo.discriminator import (PatchDiscriminator, UNetFeatureDiscriminator, discriminator_loss, frozen,
+                                         generator_loss)
 from ..extras import require
 from ..models.diffo.latent_codec import MAX_RATE_Q
 from . import checkpoint as ckpt
@@ -341,8 +342,8 @@ class Trainer:
             l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
             loss, stats = l1 + mse, {}
             if adversarial:
-                disc.requires_grad_(False)  # the generator's step needs no gradient for the discriminator
-                g_adv = F.softplus(-disc(rec).float()).mean()
+                with frozen(disc):
+                    g_adv = generator_loss(disc(rec))
                 weight = cfg.decoder_adv_weight * adaptive_weight(loss, g_adv, last)
                 loss = loss + weight * g_adv
                 stats = {"g_adv": g_adv.item(), "w": weight.item()}
@@ -351,9 +352,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
             opt.step()
             if adversarial:
-                disc.requires_grad_(True)
-                d_real, d_fake = disc(x).float(), disc(rec.detach()).float()
-                d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+                d_loss = discriminator_loss(disc(x), disc(rec.detach()))
                 disc_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 disc_opt.step()
@@ -470,8 +469,8 @@ class Trainer:
                 td = torch.randint(0, den.num_train_timesteps // 2, (len(z),), device=self.device)
                 noise = torch.randn_like(z)
                 fake = den.add_noise(x0, td, noise)
-                with self.acc.autocast():
-                    g_adv = sum(F.softplus(-l.float()).mean() for l in disc(fake, td))
+                with self.acc.autocast(), frozen(disc):
+                    g_adv = generator_loss(disc(fake, td))
                 loss = loss + cfg.adv_weight * g_adv
                 stats["g_adv"] = g_adv.item()
             opt.zero_grad(set_to_none=True)
@@ -481,8 +480,7 @@ class Trainer:
             if self.disc is not None:
                 real = den.add_noise(z, td, noise)
                 with self.acc.autocast():
-                    d_loss = sum(F.softplus(-lr.float()).mean() + F.softplus(lf.float()).mean()
-                                 for lr, lf in zip(self.disc(real, td), self.disc(fake.detach(), td)))
+                    d_loss = discriminator_loss(self.disc(real, td), self.disc(fake.detach(), td))
                 disc_opt.zero_grad(set_to_none=True)
                 d_loss.backward()
                 disc_opt.step()
@@ -545,7 +543,8 @@ class Trainer:
                 real = decode(crop(z)) if photos is None else crop8(x)
             with self.acc.autocast():
                 fake = decode(crop(x0)).float()
-                g_adv = F.softplus(-disc(fake).float()).mean()
+                with frozen(disc):
+                    g_adv = generator_loss(disc(fake))
             l1 = F.l1_loss(fake, real)
             adv_weight = cfg.realism_adv_weight * (strength / hi if cfg.realism_adv_schedule == "strength" else 1.0)
             loss = mse + cfg.realism_l1_weight * l1 + adv_weight * g_adv
@@ -555,7 +554,7 @@ class Trainer:
             opt.step()
             with self.acc.autocast():
                 d_real, d_fake = disc(real).float(), disc(fake.detach()).float()
-            d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+            d_loss = discriminator_loss(d_real, d_fake)
             disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_opt.step()

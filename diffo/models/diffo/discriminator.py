@@ -8,8 +8,10 @@ of it is shipped with a model: it costs nothing at inference.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .denoiser import OneStepDenoiser
@@ -51,3 +53,33 @@ class PatchDiscriminator(nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] → logit map (real > 0)."""
         return self.net(img)
+
+
+# The non-saturating GAN losses every adversarial training stage uses; a discriminator returns one logit map or
+# a list of them (one per feature level), real > 0.
+def _maps(logits) -> list:
+    return list(logits) if isinstance(logits, (list, tuple)) else [logits]
+
+
+def generator_loss(fake_logits) -> torch.Tensor:
+    """softplus(−logit), mean over each map, summed over the maps."""
+    return sum(F.softplus(-f.float()).mean() for f in _maps(fake_logits))
+
+
+def discriminator_loss(real_logits, fake_logits) -> torch.Tensor:
+    """softplus(−real) + softplus(fake), means over each map, summed over the maps."""
+    return sum(F.softplus(-r.float()).mean() + F.softplus(f.float()).mean()
+               for r, f in zip(_maps(real_logits), _maps(fake_logits)))
+
+
+@contextmanager
+def frozen(module: nn.Module):
+    """The generator's pass through a discriminator: no gradients for its weights (they would only be cleared
+    before its own step); each parameter's flag is restored afterwards (a frozen backbone stays frozen)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
