@@ -289,3 +289,42 @@ def test_the_generators_pass_leaves_the_discriminator_without_gradients_and_its_
     assert [p.requires_grad for p in disc.parameters()] == [False, False, True, True]
     real_logits, fake_logits = torch.full((1, 1, 2, 2), 3.0), torch.full((1, 1, 2, 2), -3.0)
     assert discriminator_loss(real_logits, fake_logits).item() == pytest.approx(2 * math.log1p(math.exp(-3.0)))
+
+
+def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, tmp_path):
+    """`--init M --latent-channels 8`: the tensors whose shapes fit are copied, the ones touching the latent start
+    afresh (the UNet's output at zero: the denoiser starts as the identity), a partial stage list is refused, and
+    the trained model codes and decodes 8-channel latents."""
+    from diffo import pipeline
+    from diffo.training.warm_start import widen_latent
+
+    init = DiffoCodec.from_preset("tiny")
+    init.add_fast_decoder()
+    init.update()
+    init.save_pretrained(tmp_path / "init")
+    wide, fresh = widen_latent(init, 8)
+    assert wide.latent_channels == 8 and wide.vae.encoder.conv_out.out_channels == 16
+    assert {"vae.encoder.conv_out.weight", "vae.decoder.conv_in.weight", "denoiser.unet.conv_in.weight",
+            "denoiser.unet.conv_out.weight", "decoder.net.0.weight"} <= set(fresh)
+    assert "vae.encoder.down_blocks.0.resnets.0.conv1.weight" not in fresh
+    for k, v in wide.state_dict().items():
+        if k not in fresh:
+            assert torch.equal(v, init.state_dict()[k]), k
+    assert not wide.denoiser.unet.conv_out.weight.any()
+    with pytest.raises(ValueError, match=">= 1"):
+        widen_latent(init, 0)
+
+    cfg = _cfg(data_dir, tmp_path / "run")
+    cfg.init, cfg.latent_channels, cfg.stages = str(tmp_path / "init"), 8, ["latents", "codec", "denoiser"]
+    with pytest.raises(ValueError, match="new latent space.*vae, decoder"):
+        Trainer(cfg)
+    cfg.stages = ["vae", "latents", "decoder", "codec", "denoiser"]
+    folder = train_mod.train(cfg)
+    model = DiffoCodec.from_pretrained(folder)
+    assert model.latent_channels == 8 and model.decoder.net[0].in_channels == 8
+    assert "--latent-channels 8" in (folder / "README.md").read_text()
+    img = torch.rand(3, 64, 64)
+    out = pipeline.decode(model, pipeline.encode(model, img, rate=1.0))
+    assert out.shape == img.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="config tiny"):
+        Trainer(TrainConfig(config="sd", data=[str(data_dir)], latent_channels=8, sd_path="x"))

@@ -43,6 +43,7 @@ from ..models.diffo.latent_codec import MAX_RATE_Q
 from . import checkpoint as ckpt
 from . import entropy_models
 from . import noise_tuning
+from .warm_start import widen_latent
 from .data import CropSampler, LatentCropSampler, list_images, load_centre_crop, load_rgb, split_holdout
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,9 @@ STAGES = ["vae", "latents", "decoder", "codec", "denoiser", "realism", "noise", 
 class TrainConfig:
     config: str = "tiny"
     sd_path: str | None = None
-    init: str | None = None  # a saved model folder to start from (same architecture)
+    init: str | None = None  # a saved model folder to start from (same architecture, or see latent_channels)
+    latent_channels: int | None = None  # tiny: a latent space of this many channels (warm_start.widen_latent);
+    # when it differs from --init's, every stage runs again from the weights whose shapes still fit
     mixed_precision: str = "no"  # accelerate: no | bf16 | fp16
     data: list = field(default_factory=list)
     out: str = "runs/diffo-tiny"
@@ -156,10 +159,16 @@ class Trainer:
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
         torch.manual_seed(cfg.seed)
         self.rng = random.Random(cfg.seed)
+        if cfg.latent_channels is not None and cfg.config != "tiny":
+            raise ValueError("--latent-channels is for --config tiny (the 'sd' config keeps SD's VAE)")
         if cfg.init:
             self.model = DiffoCodec.from_pretrained(cfg.init).float()
         elif cfg.config == "tiny":
             self.model = DiffoCodec.from_preset("tiny")
+        widened = cfg.latent_channels not in (None, self.model.latent_channels)
+        if widened:
+            self.model, fresh = widen_latent(self.model, cfg.latent_channels)
+            logger.info("fresh after widening: %s", ", ".join(fresh))
         elif cfg.config == "sd":
             if not cfg.sd_path:
                 raise ValueError("--config sd needs --sd PATH_OR_REPO (a diffusers SD 2.1 / SD-Turbo checkpoint)")
@@ -173,6 +182,11 @@ class Trainer:
         self.train_files, self.held_files = split_holdout(files)
         logger.info("%d training photos, %d held out", len(self.train_files), len(self.held_files))
         self.stages = self._stage_list(cfg)
+        missing = [s for s in ("vae", "latents", "decoder", "codec", "denoiser") if s not in self.stages
+                   and (s != "decoder" or self.model.decoder is not None)] if widened else []
+        if missing:
+            raise ValueError(f"--latent-channels {cfg.latent_channels} makes a new latent space: every stage must run "
+                             f"again (add {', '.join(missing)} to --stages)")
         if "decoder" in self.stages and self.model.decoder is None:
             self.model.add_fast_decoder()
         self.progress = {"stage": self.stages[0], "step": 0, "seconds": {}}
@@ -613,6 +627,7 @@ class Trainer:
                 f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
                 f"--realism-l1-weight {c.realism_l1_weight:g} --realism-real {c.realism_real} "
                 f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g}"
+                + (f" --latent-channels {c.latent_channels}" if c.latent_channels is not None else "")
                 + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 
     def run(self) -> Path:
