@@ -136,6 +136,10 @@ def test_noise_stage_tunes_the_map_on_held_out_photos(data_dir, tmp_path, monkey
     assert table["chosen"][0] >= table["chosen"][1] and set(table["chosen"]) <= {0.0, 0.3}
     card = (folder / "README.md").read_text()
     assert "Noise map" in card and "| NIQE |" in card  # NaN here: the 64 px crops are below NIQE's two blocks
+    ceiling = json.loads((tmp_path / "run" / "holdout_ceiling.json").read_text())
+    assert set(ceiling) == {"psnr_true_latent", "niqe_true_latent", "niqe_original"}
+    assert 5 < ceiling["psnr_true_latent"] < 60 and f"{ceiling['psnr_true_latent']:.2f} dB" in card
+    assert "Decoded from their true latent" in card
 
 
 def test_stages_continue_a_saved_model_with_a_fast_decoder_and_the_realism_stage(data_dir, tmp_path, monkeypatch):
@@ -292,27 +296,39 @@ def test_the_generators_pass_leaves_the_discriminator_without_gradients_and_its_
 
 
 def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, tmp_path):
-    """`--init M --latent-channels 8`: the tensors whose shapes fit are copied, the ones touching the latent start
-    afresh (the UNet's output at zero: the denoiser starts as the identity), a partial stage list is refused, and
-    the trained model codes and decodes 8-channel latents."""
+    """`--init M --latent-channels 8`: the widened model starts out computing what M did (the old channels'
+    weights in place, the weights reading new channels at zero, the denoiser the identity on them), a partial
+    stage list is refused, and the trained model codes and decodes 8-channel latents."""
     from diffo import pipeline
     from diffo.training.warm_start import widen_latent
 
+    torch.manual_seed(0)
     init = DiffoCodec.from_preset("tiny")
     init.add_fast_decoder()
+    for p in init.parameters():  # a "trained" model: no zero layers to hide a wrong copy
+        p.data.add_(0.02 * torch.randn_like(p))
     init.update()
     init.save_pretrained(tmp_path / "init")
-    wide, fresh = widen_latent(init, 8)
+    init.eval()
+    wide, widened = widen_latent(init, 8)
+    wide.eval()
     assert wide.latent_channels == 8 and wide.vae.encoder.conv_out.out_channels == 16
-    assert {"vae.encoder.conv_out.weight", "vae.decoder.conv_in.weight", "denoiser.unet.conv_in.weight",
-            "denoiser.unet.conv_out.weight", "decoder.net.0.weight"} <= set(fresh)
-    assert "vae.encoder.down_blocks.0.resnets.0.conv1.weight" not in fresh
-    for k, v in wide.state_dict().items():
-        if k not in fresh:
-            assert torch.equal(v, init.state_dict()[k]), k
-    assert not wide.denoiser.unet.conv_out.weight.any()
-    with pytest.raises(ValueError, match=">= 1"):
-        widen_latent(init, 0)
+    assert {"vae.encoder.conv_out.weight", "vae.quant_conv.weight", "vae.decoder.conv_in.weight",
+            "denoiser.unet.conv_in.weight", "denoiser.unet.conv_out.weight", "decoder.net.0.weight",
+            "latent_codec.residual.g_a.0.weight"} <= set(widened)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        z_old, z_wide = init.encode_latent(x), wide.encode_latent(x)
+        assert torch.allclose(z_wide[:, :4], z_old, atol=1e-5)  # the old channels: the same latent
+        z = torch.randn(1, 8, 8, 8)  # whatever the new channels hold, the decoders read only the old ones
+        assert torch.allclose(wide.decode_latent(z), init.decode_latent(z[:, :4]), atol=1e-5)
+        assert torch.allclose(wide.vae.decode(z).sample, init.vae.decode(z[:, :4]).sample, atol=1e-5)
+        noise = torch.randn_like(z)
+        old = init.denoise(init.control(z[:, :4], 0.5, noise[:, :4]))
+        new = wide.denoise(wide.control(z, 0.5, noise))
+        assert torch.allclose(new[:, :4], old, atol=1e-4) and torch.allclose(new[:, 4:], z[:, 4:], atol=1e-5)
+    with pytest.raises(ValueError, match="more than the model's 4"):
+        widen_latent(init, 4)
 
     cfg = _cfg(data_dir, tmp_path / "run")
     cfg.init, cfg.latent_channels, cfg.stages = str(tmp_path / "init"), 8, ["latents", "codec", "denoiser"]

@@ -51,6 +51,24 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
     return rows
 
 
+@torch.no_grad()
+def evaluate_ceiling(model, files: list[Path], crop: int = 256) -> dict:
+    """The same crops decoded from their *true* latent (no coding, no denoiser): what a perfect denoiser could
+    reach at best, PSNR and NIQE, beside the originals' NIQE. The gap between this NIQE and the coded
+    decode's is all the realism the one step has to win."""
+    from ..tools.metrics import niqe
+    from ..image import psnr
+
+    acc = {"psnr_true_latent": 0.0, "niqe_true_latent": 0.0, "niqe_original": 0.0}
+    for p in files:
+        img = load_centre_crop(p, crop)
+        rec = model.decode_latent(model.encode_latent(img[None]))[0].float().cpu()
+        acc["psnr_true_latent"] += psnr(img, rec) / len(files)
+        acc["niqe_true_latent"] += niqe(img, rec) / len(files)
+        acc["niqe_original"] += niqe(img, img) / len(files)
+    return acc
+
+
 def finalize(model, folder: Path, held_files: list[Path], train_info: dict) -> Path:
     """Build the entropy tables, save the model in half precision (codec in float32), measure it on the
     held-out photos *as saved* and write the model card beside it."""
@@ -61,14 +79,17 @@ def finalize(model, folder: Path, held_files: list[Path], train_info: dict) -> P
     model.save_pretrained(folder, half_precision=True)
     saved = DiffoCodec.from_pretrained(folder)
     rows = evaluate_holdout(saved, held_files)
+    ceiling = evaluate_ceiling(saved, held_files) if held_files else {}
     (Path(folder).parent / "holdout.json").write_text(json.dumps(rows, indent=1))
+    (Path(folder).parent / "holdout_ceiling.json").write_text(json.dumps(ceiling, indent=1))
     # The saved model (half-precision VAE/denoiser) is the one that counts, with its own fingerprint.
     logger.info("model %s fingerprint %s", folder, saved.fingerprint.hex())
-    (Path(folder) / "README.md").write_text(model_card(saved.config.name, train_info, rows, len(held_files)))
+    (Path(folder) / "README.md").write_text(model_card(saved.config.name, train_info, rows, len(held_files),
+                                                         ceiling))
     return Path(folder)
 
 
-def model_card(name: str, train_info: dict, holdout: list[dict], n_held: int) -> str:
+def model_card(name: str, train_info: dict, holdout: list[dict], n_held: int, ceiling: dict | None = None) -> str:
     init = f"\n- Started from: {train_info['init']}" if train_info.get("init") else ""
     losses = f"\n- Losses: {train_info['losses']}" if train_info.get("losses") else ""
     seconds = train_info.get("seconds", {})
@@ -80,6 +101,10 @@ def model_card(name: str, train_info: dict, holdout: list[dict], n_held: int) ->
         f"| {r['haarpsi']:.4f} | {r['haarpsi_nodenoise']:.4f} | {r.get('niqe', float('nan')):.2f} "
         f"| {r.get('niqe_nodenoise', float('nan')):.2f} |"
         for r in holdout)
+    ceiling_line = (f"\nDecoded from their true latent (no coding, no denoiser: the best a denoiser could reach), "
+                    f"the same crops give {ceiling['psnr_true_latent']:.2f} dB and NIQE "
+                    f"{ceiling['niqe_true_latent']:.2f}; the originals' NIQE is {ceiling['niqe_original']:.2f} "
+                    f"(`evaluate_ceiling`).\n" if ceiling else "")
     return f"""---
 library_name: diffo
 tags: [image-compression, diffusion, one-step, comfyui]
@@ -106,7 +131,7 @@ measured by `diffo.training.model_card.evaluate_holdout`:
 | rate level | bpp | PSNR dB | PSNR without denoiser dB | MS-SSIM | HaarPSI | HaarPSI without denoiser | NIQE | NIQE without denoiser |
 |---|---|---|---|---|---|---|---|---|
 {table}
-
+{ceiling_line}
 Noise map (rate level → strength of the denoiser's starting noise, tuned on the held-out photos,
 criterion: {train_info.get('noise_criterion', 'HaarPSI')}): {train_info.get('noise_map', '')}. Kodak-24 figures against the classical codecs: the project
 README (`python -m diffo eval`).

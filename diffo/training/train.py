@@ -165,16 +165,16 @@ class Trainer:
             self.model = DiffoCodec.from_pretrained(cfg.init).float()
         elif cfg.config == "tiny":
             self.model = DiffoCodec.from_preset("tiny")
-        widened = cfg.latent_channels not in (None, self.model.latent_channels)
-        if widened:
-            self.model, fresh = widen_latent(self.model, cfg.latent_channels)
-            logger.info("fresh after widening: %s", ", ".join(fresh))
         elif cfg.config == "sd":
             if not cfg.sd_path:
                 raise ValueError("--config sd needs --sd PATH_OR_REPO (a diffusers SD 2.1 / SD-Turbo checkpoint)")
             self.model = DiffoCodec.from_sd(cfg.sd_path)
         else:
             raise ValueError(f"unknown --config {cfg.config!r}: use tiny or sd")
+        widened = cfg.latent_channels not in (None, self.model.latent_channels)
+        if widened:
+            self.model, names = widen_latent(self.model, cfg.latent_channels)
+            logger.info("widened: %s", ", ".join(names))
         entropy_models.trainable(self.model)  # CompressAI's differentiable entropy models (the train extra)
         self.device = self.acc.device  # accelerate picks the GPU when there is one
         self.model.to(self.device)

@@ -3,8 +3,10 @@
 The embedded model's 4-channel latent caps what any denoiser can reach: decoded from the *true* latent, its
 held-out photos are already nearly as blurry (NIQE) as after coding, so the one step has nothing left to add.
 `widen_latent` builds the same architecture with more latent channels and copies every weight whose shape did
-not change (the VAE's body, the UNet's and the codec's inner layers); only the layers that touch the latent start
-afresh. Every stage is then trained again (the latent space is new), from that head start.
+not change (the VAE's body, the UNet's and the codec's inner layers). The layers that touch the latent keep the
+old channels' weights in place; every weight that reads a new channel starts at zero, so the widened model
+starts out computing exactly what the old one did, and the new channels are learnt from there (the same idea as
+ControlNet's zero convolutions). Every stage is then trained again (the latent space is new).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import logging
 
 import torch
 
-from ..layers import zero_module
 from ..models.base import public_config
 from ..models.diffo.codec import DiffoCodec
 
@@ -30,18 +31,68 @@ def widened_config(config, channels: int) -> dict:
     return cfg
 
 
+def _channel_map(old: int, new: int, c_old: int, c_new: int) -> torch.Tensor | None:
+    """Where index i of a dimension of size `old` goes in one of size `new`, when the latent widens from
+    `c_old` to `c_new` channels: the latent itself, the VAE's [mean, log-variance] pair, or the latent
+    followed by other channels (the residual coder's [latent, base code] input). None: no such layout."""
+    i = torch.arange(old)
+    if (old, new) == (c_old, c_new):
+        return i
+    if (old, new) == (2 * c_old, 2 * c_new):
+        return torch.where(i < c_old, i, i - c_old + c_new)
+    if old > c_old and old - c_old == new - c_new:
+        return torch.where(i < c_old, i, i - c_old + c_new)
+    return None
+
+
+def _widened_tensor(fresh: torch.Tensor, old: torch.Tensor, c_old: int, c_new: int) -> torch.Tensor | None:
+    """`fresh` with `old`'s values at their new places, and zero where an old output channel reads a new input
+    channel (dimension 1 of a convolution), so the old outputs are unchanged; the new outputs keep their fresh
+    values (they feed only weights that are zero). None when the shapes do not map."""
+    if old.dim() != fresh.dim():
+        return None
+    maps = []
+    for o, n in zip(old.shape, fresh.shape):
+        m = torch.arange(o) if o == n else _channel_map(o, n, c_old, c_new)
+        if m is None:
+            return None
+        maps.append(m)
+    out = fresh.clone()
+    if out.dim() >= 2 and old.shape[1] != out.shape[1]:
+        new_inputs = torch.nonzero(~torch.isin(torch.arange(out.shape[1]), maps[1]))[:, 0]
+        out[maps[0][:, None], new_inputs[None, :]] = 0
+    out[torch.meshgrid(*maps, indexing="ij")] = old
+    return out
+
+
 def widen_latent(source: DiffoCodec, channels: int) -> tuple[DiffoCodec, list[str]]:
-    """A new model with `channels` latent channels; the tensors of `source` whose shapes still fit are copied.
-    Returns the model and the names of the tensors left at their fresh initialisation."""
-    if channels < 1:
-        raise ValueError(f"latent channels must be >= 1 (got {channels})")
+    """A new model with `channels` latent channels (more than `source`'s), starting out as `source`: every
+    parameter of `source` is copied, into its place in the wider tensors (buffers that no longer fit, the
+    entropy coders' tables, are rebuilt when the model is saved). Returns the model and the names of the
+    widened parameters."""
+    c_old = source.latent_channels
+    if channels <= c_old:
+        raise ValueError(f"--latent-channels must be more than the model's {c_old} (got {channels})")
     model = DiffoCodec(**widened_config(source.config, channels))
-    if model.config.prediction_type == "residual":
-        zero_module(model.denoiser.unet.conv_out)  # the fresh output layer starts as the identity ẑ₀ = ĉ
     own, theirs = model.state_dict(), source.state_dict()
-    fresh = [k for k, v in own.items() if k not in theirs or theirs[k].shape != v.shape]
+    params = dict(model.named_parameters())
+    state, widened = {}, []
+    for k, v in own.items():
+        if k not in theirs:
+            continue
+        if theirs[k].shape == v.shape:
+            state[k] = theirs[k]
+            continue
+        w = _widened_tensor(v, theirs[k], c_old, channels)
+        if w is None and k in params:
+            raise ValueError(f"cannot widen {k}: {tuple(theirs[k].shape)} → {tuple(v.shape)}")
+        if w is not None and k in params:
+            state[k] = w
+            widened.append(k)
     with torch.no_grad():
-        model.load_state_dict({k: theirs[k] for k in own if k not in fresh}, strict=False)
-    logger.info("latent widened to %d channels: %d tensors copied, %d fresh", channels, len(own) - len(fresh),
-                len(fresh))
-    return model, fresh
+        model.load_state_dict(state, strict=False)
+        if model.config.prediction_type == "residual":  # the new channels' residual starts at zero: ẑ₀ = ĉ there
+            model.denoiser.unet.conv_out.weight[c_old:] = 0
+            model.denoiser.unet.conv_out.bias[c_old:] = 0
+    logger.info("latent widened from %d to %d channels: %d tensors widened", c_old, channels, len(widened))
+    return model, widened
