@@ -344,3 +344,28 @@ def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, t
     assert out.shape == img.shape and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="config tiny"):
         Trainer(TrainConfig(config="sd", data=[str(data_dir)], latent_channels=8, sd_path="x"))
+
+
+def test_the_denoisers_adversarial_weight_is_an_option_the_loss_and_the_card_carry(data_dir, tmp_path, monkeypatch):
+    """`--denoiser-adv-weight W`: the denoiser's loss is latent MSE + the HaarPSI term + W x the UNet-feature
+    discriminator's generator loss; the card's command records W; a negative W is refused."""
+    from accelerate import Accelerator
+
+    init = DiffoCodec.from_preset("tiny")
+    init.update()
+    init.save_pretrained(tmp_path / "init")
+    cfg = _cfg(data_dir, tmp_path / "run")
+    cfg.init, cfg.stages, cfg.adv_weight, cfg.adv_start = str(tmp_path / "init"), ["latents", "denoiser"], 0.3, 0.0
+    losses = []
+    real_backward = Accelerator.backward
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: losses.append(loss.item())
+                        or real_backward(self, loss, **kw))
+    folder = train_mod.train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    done = [r for r in rows if r.get("stage") == "denoiser" and r.get("done")][0]
+    assert done["g_adv"] > 0 and "d_loss" in done
+    expected = done["mse"] + cfg.pixel_weight * (1 - done["hp"]) + 0.3 * done["g_adv"]
+    assert losses[-1] == pytest.approx(expected, rel=1e-3)
+    assert "--denoiser-adv-weight 0.3" in (folder / "README.md").read_text()
+    with pytest.raises(ValueError, match="adversarial weight must be >= 0"):
+        Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), adv_weight=-0.1))

@@ -149,6 +149,8 @@ class Trainer:
         if cfg.realism_real not in ("decoded", "photo") or cfg.realism_adv_schedule not in ("flat", "strength"):
             raise ValueError(f"realism_real must be 'decoded' or 'photo' (got {cfg.realism_real!r}) and "
                              f"realism_adv_schedule 'flat' or 'strength' (got {cfg.realism_adv_schedule!r})")
+        if cfg.adv_weight < 0:
+            raise ValueError(f"the denoiser's adversarial weight must be >= 0 (got {cfg.adv_weight!r})")
         if cfg.decoder_adv_weight < 0 or (cfg.decoder_adv_weight and cfg.mixed_precision == "fp16"):
             # fp16 without loss scaling can underflow the adversarial gradient that sets the adaptive weight
             raise ValueError(f"decoder_adv_weight must be >= 0 (got {cfg.decoder_adv_weight!r}) and needs "
@@ -626,7 +628,8 @@ class Trainer:
                 f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
                 f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
                 f"--realism-l1-weight {c.realism_l1_weight:g} --realism-real {c.realism_real} "
-                f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g}"
+                f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g} "
+                f"--denoiser-adv-weight {c.adv_weight:g}"
                 + (f" --latent-channels {c.latent_channels}" if c.latent_channels is not None else "")
                 + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 
