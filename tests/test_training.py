@@ -320,6 +320,8 @@ def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, t
     with torch.no_grad():
         z_old, z_wide = init.encode_latent(x), wide.encode_latent(x)
         assert torch.allclose(z_wide[:, :4], z_old, atol=1e-5)  # the old channels: the same latent
+        post = wide.vae.encode(x * 2 - 1).latent_dist  # the new channels' posterior: nearly deterministic
+        assert post.std[:, 4:].max() < 0.01 and post.mean[:, 4:].std() > 0.01
         z = torch.randn(1, 8, 8, 8)  # whatever the new channels hold, the decoders read only the old ones
         assert torch.allclose(wide.decode_latent(z), init.decode_latent(z[:, :4]), atol=1e-5)
         assert torch.allclose(wide.vae.decode(z).sample, init.vae.decode(z[:, :4]).sample, atol=1e-5)

@@ -19,6 +19,7 @@ from ..models.base import public_config
 from ..models.diffo.codec import DiffoCodec
 
 logger = logging.getLogger(__name__)
+NEW_CHANNEL_LOGVAR = -12.0  # posterior log-variance of a new latent channel at the start (std 0.0025)
 
 
 def widened_config(config, channels: int) -> dict:
@@ -91,6 +92,12 @@ def widen_latent(source: DiffoCodec, channels: int) -> tuple[DiffoCodec, list[st
             widened.append(k)
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
+        # The new channels' posterior starts nearly deterministic, as the trained channels' is (their std is
+        # 0.001-0.002 on photos): at a fresh layer's std of about 1 the sampling noise drowns what they carry,
+        # and the decoder learns to ignore them instead of using them.
+        moments = model.vae.quant_conv if model.vae.quant_conv is not None else model.vae.encoder.conv_out
+        moments.weight[channels + c_old:] = 0
+        moments.bias[channels + c_old:] = NEW_CHANNEL_LOGVAR
         if model.config.prediction_type == "residual":  # the new channels' residual starts at zero: ẑ₀ = ĉ there
             model.denoiser.unet.conv_out.weight[c_old:] = 0
             model.denoiser.unet.conv_out.bias[c_old:] = 0
