@@ -511,8 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoiser stage: weight of the discriminator on the UNet's features (OSDiff's), from 40%% "
                         "of the stage on (higher: more realism, less fidelity)")
     t.add_argument("--latent-channels", type=int, default=None,
-                   help="tiny: a latent space of this many channels; with --init of another width, every stage "
-                        "trains again from the weights whose shapes still fit (default: the model's own)")
+                   help="tiny: a latent space of this many channels; more than --init's widens that model (it "
+                        "starts out computing what the old one did) and every stage trains again (default: the "
+                        "model's own, or 4)")
     t.add_argument("--noise-criterion", choices=["haarpsi", "strongest"], default="haarpsi",
                    help="noise map: best held-out HaarPSI per rate, or the strongest noise within 0.3 dB of the "
                         "no-denoise PSNR (for a model trained with the realism stage)")

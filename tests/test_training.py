@@ -307,6 +307,7 @@ def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, t
     init.add_fast_decoder()
     for p in init.parameters():  # a "trained" model: no zero layers to hide a wrong copy
         p.data.add_(0.02 * torch.randn_like(p))
+    init.set_latent_scale(0.5)  # a trained scale, which the widened model must keep
     init.update()
     init.save_pretrained(tmp_path / "init")
     init.eval()
@@ -322,6 +323,12 @@ def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, t
         assert torch.allclose(z_wide[:, :4], z_old, atol=1e-5)  # the old channels: the same latent
         post = wide.vae.encode(x * 2 - 1).latent_dist  # the new channels' posterior: nearly deterministic
         assert post.std[:, 4:].max() < 0.01 and post.mean[:, 4:].std() > 0.01
+        assert torch.allclose(post.logvar[:, :4], init.vae.encode(x * 2 - 1).latent_dist.logvar, atol=1e-4)
+        init.latent_codec.eval(), wide.latent_codec.eval()
+        for rq in (0, 40000):  # the codec codes the old channels as before, base code and residual alike
+            c_old = init.latent_codec(z_old, rq).c_hat
+            c_new = wide.latent_codec(torch.cat([z_old, torch.randn_like(z_old)], 1), rq).c_hat
+            assert torch.allclose(c_new[:, :4], c_old, atol=1e-4), rq
         z = torch.randn(1, 8, 8, 8)  # whatever the new channels hold, the decoders read only the old ones
         assert torch.allclose(wide.decode_latent(z), init.decode_latent(z[:, :4]), atol=1e-5)
         assert torch.allclose(wide.vae.decode(z).sample, init.vae.decode(z[:, :4]).sample, atol=1e-5)
@@ -334,7 +341,7 @@ def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, t
 
     cfg = _cfg(data_dir, tmp_path / "run")
     cfg.init, cfg.latent_channels, cfg.stages = str(tmp_path / "init"), 8, ["latents", "codec", "denoiser"]
-    with pytest.raises(ValueError, match="new latent space.*vae, decoder"):
+    with pytest.raises(ValueError, match="new latent space.*vae, decoder, noise"):
         Trainer(cfg)
     cfg.stages = ["vae", "latents", "decoder", "codec", "denoiser"]
     folder = train_mod.train(cfg)
@@ -344,8 +351,13 @@ def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, t
     img = torch.rand(3, 64, 64)
     out = pipeline.decode(model, pipeline.encode(model, img, rate=1.0))
     assert out.shape == img.shape and torch.isfinite(out).all()
+    cfg.latent_channels = None  # resuming that run as a 4-channel one is refused, naming the option
+    with pytest.raises(ValueError, match="has 8 latent channels.*--latent-channels 8"):
+        Trainer(cfg)
     with pytest.raises(ValueError, match="config tiny"):
         Trainer(TrainConfig(config="sd", data=[str(data_dir)], latent_channels=8, sd_path="x"))
+    fresh = Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "fresh"), latent_channels=8))
+    assert fresh.model.latent_channels == 8 and fresh.model.denoiser.unet.config.in_channels == 8
 
 
 def test_the_denoisers_adversarial_weight_is_an_option_the_loss_and_the_card_carry(data_dir, tmp_path, monkeypatch):

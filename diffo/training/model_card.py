@@ -53,16 +53,17 @@ def evaluate_holdout(model, files: list[Path], rates=RATES, crop: int = 256) -> 
 
 @torch.no_grad()
 def evaluate_ceiling(model, files: list[Path], crop: int = 256) -> dict:
-    """The same crops decoded from their *true* latent (no coding, no denoiser): what a perfect denoiser could
-    reach at best, PSNR and NIQE, beside the originals' NIQE. The gap between this NIQE and the coded
-    decode's is all the realism the one step has to win."""
+    """The same crops decoded from their *true* latent (no coding, no denoiser; padded as `encode` pads):
+    PSNR and NIQE of what a denoiser that recovered the true latent exactly would give, beside the originals'
+    NIQE. Their gap to the coded decode is the realism a denoiser can win by recovering the latent."""
     from ..tools.metrics import niqe
-    from ..image import psnr
+    from ..image import crop_to, pad_to_multiple, psnr
 
     acc = {"psnr_true_latent": 0.0, "niqe_true_latent": 0.0, "niqe_original": 0.0}
     for p in files:
         img = load_centre_crop(p, crop)
-        rec = model.decode_latent(model.encode_latent(img[None]))[0].float().cpu()
+        x, _ = pad_to_multiple(img[None], model.config.pad_multiple)
+        rec = crop_to(model.decode_latent(model.encode_latent(x)).float().cpu(), tuple(img.shape[-2:]))[0]
         acc["psnr_true_latent"] += psnr(img, rec) / len(files)
         acc["niqe_true_latent"] += niqe(img, rec) / len(files)
         acc["niqe_original"] += niqe(img, img) / len(files)
@@ -101,7 +102,8 @@ def model_card(name: str, train_info: dict, holdout: list[dict], n_held: int, ce
         f"| {r['haarpsi']:.4f} | {r['haarpsi_nodenoise']:.4f} | {r.get('niqe', float('nan')):.2f} "
         f"| {r.get('niqe_nodenoise', float('nan')):.2f} |"
         for r in holdout)
-    ceiling_line = (f"\nDecoded from their true latent (no coding, no denoiser: the best a denoiser could reach), "
+    ceiling_line = (f"\nDecoded from their true latent (no coding, no denoiser: what a denoiser that recovered the "
+                    f"true latent exactly would give), "
                     f"the same crops give {ceiling['psnr_true_latent']:.2f} dB and NIQE "
                     f"{ceiling['niqe_true_latent']:.2f}; the originals' NIQE is {ceiling['niqe_original']:.2f} "
                     f"(`evaluate_ceiling`).\n" if ceiling else "")

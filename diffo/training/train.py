@@ -55,8 +55,8 @@ class TrainConfig:
     config: str = "tiny"
     sd_path: str | None = None
     init: str | None = None  # a saved model folder to start from (same architecture, or see latent_channels)
-    latent_channels: int | None = None  # tiny: a latent space of this many channels (warm_start.widen_latent);
-    # when it differs from --init's, every stage runs again from the weights whose shapes still fit
+    latent_channels: int | None = None  # tiny: a latent space of this many channels; more than --init's widens
+    # that model (warm_start.widen_latent: it starts out as the old one) and every stage runs again
     mixed_precision: str = "no"  # accelerate: no | bf16 | fp16
     data: list = field(default_factory=list)
     out: str = "runs/diffo-tiny"
@@ -166,7 +166,7 @@ class Trainer:
         if cfg.init:
             self.model = DiffoCodec.from_pretrained(cfg.init).float()
         elif cfg.config == "tiny":
-            self.model = DiffoCodec.from_preset("tiny")
+            self.model = DiffoCodec.from_preset("tiny", latent_channels=cfg.latent_channels or 4)
         elif cfg.config == "sd":
             if not cfg.sd_path:
                 raise ValueError("--config sd needs --sd PATH_OR_REPO (a diffusers SD 2.1 / SD-Turbo checkpoint)")
@@ -184,14 +184,15 @@ class Trainer:
         self.train_files, self.held_files = split_holdout(files)
         logger.info("%d training photos, %d held out", len(self.train_files), len(self.held_files))
         self.stages = self._stage_list(cfg)
-        missing = [s for s in ("vae", "latents", "decoder", "codec", "denoiser") if s not in self.stages
+        missing = [s for s in ("vae", "latents", "decoder", "codec", "denoiser", "noise") if s not in self.stages
                    and (s != "decoder" or self.model.decoder is not None)] if widened else []
         if missing:
             raise ValueError(f"--latent-channels {cfg.latent_channels} makes a new latent space: every stage must run "
                              f"again (add {', '.join(missing)} to --stages)")
         if "decoder" in self.stages and self.model.decoder is None:
             self.model.add_fast_decoder()
-        self.progress = {"stage": self.stages[0], "step": 0, "seconds": {}}
+        self.progress = {"stage": self.stages[0], "step": 0, "seconds": {},
+                         "latent_channels": self.model.latent_channels}
         self.disc: UNetFeatureDiscriminator | None = None
         self.patch_disc: PatchDiscriminator | None = None
         self.decoder_disc: PatchDiscriminator | None = None
@@ -220,6 +221,10 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _resume(self):
         self.progress = ckpt.load_progress(self.ckdir)
+        channels = self.progress.get("latent_channels", self.model.latent_channels)
+        if channels != self.model.latent_channels:
+            raise ValueError(f"the checkpoint in {self.ckdir} has {channels} latent channels, this model "
+                             f"{self.model.latent_channels}: resume with --latent-channels {channels}")
         ckpt.load_module(self.ckdir, "model", self.model)
         # config values set by earlier stages (checkpoints hold weights only)
         if self.progress.get("scaling_factor"):

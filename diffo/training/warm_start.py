@@ -25,7 +25,8 @@ NEW_CHANNEL_LOGVAR = -12.0  # posterior log-variance of a new latent channel at 
 def widened_config(config, channels: int) -> dict:
     """`config` (a DiffoCodec's) with `channels` latent channels in the VAE, UNet and fast decoder."""
     cfg = public_config(config)
-    cfg["vae_config"] = {**cfg["vae_config"], "latent_channels": channels, "scaling_factor": 1.0}
+    cfg["vae_config"] = {**cfg["vae_config"], "latent_channels": channels}  # the scale is kept: the old
+    # channels reach the codec and UNet as they were trained (the `latents` stage sets it anew)
     cfg["unet_config"] = {**cfg["unet_config"], "in_channels": channels, "out_channels": channels}
     if cfg.get("decoder_config"):
         cfg["decoder_config"] = {**cfg["decoder_config"], "latent_channels": channels}
@@ -73,7 +74,7 @@ def widen_latent(source: DiffoCodec, channels: int) -> tuple[DiffoCodec, list[st
     widened parameters."""
     c_old = source.latent_channels
     if channels <= c_old:
-        raise ValueError(f"--latent-channels must be more than the model's {c_old} (got {channels})")
+        raise ValueError(f"latent channels must be more than the model's {c_old} (got {channels})")
     model = DiffoCodec(**widened_config(source.config, channels))
     own, theirs = model.state_dict(), source.state_dict()
     params = dict(model.named_parameters())
@@ -98,7 +99,9 @@ def widen_latent(source: DiffoCodec, channels: int) -> tuple[DiffoCodec, list[st
         moments = model.vae.quant_conv if model.vae.quant_conv is not None else model.vae.encoder.conv_out
         moments.weight[channels + c_old:] = 0
         moments.bias[channels + c_old:] = NEW_CHANNEL_LOGVAR
-        if model.config.prediction_type == "residual":  # the new channels' residual starts at zero: ẑ₀ = ĉ there
+        # the new channels' residual starts at zero: ẑ₀ = ĉ there (other prediction types start them random:
+        # the decoders ignore them at first either way)
+        if model.config.prediction_type == "residual":
             model.denoiser.unet.conv_out.weight[c_old:] = 0
             model.denoiser.unet.conv_out.bias[c_old:] = 0
     logger.info("latent widened from %d to %d channels: %d tensors widened", c_old, channels, len(widened))

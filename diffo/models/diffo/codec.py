@@ -161,12 +161,17 @@ class DiffoCodec(DiffoCoding, CodecBase):
 
     # ----------------------------------------------------------------------------------------- presets
     @classmethod
-    def from_preset(cls, name: str = "tiny", **overrides) -> "DiffoCodec":
-        """A randomly initialised model of a named configuration ('tiny' is the only pixel-space preset)."""
+    def from_preset(cls, name: str = "tiny", latent_channels: int = 4, **overrides) -> "DiffoCodec":
+        """A randomly initialised model of a named configuration ('tiny' is the only pixel-space preset), with
+        `latent_channels` channels in its latent space."""
         if name != "tiny":
             raise ValueError(f"unknown preset {name!r}: use 'tiny', or DiffoCodec.from_sd(...) for the 'sd' scale")
+        if latent_channels < 1:
+            raise ValueError(f"latent_channels must be >= 1 (got {latent_channels})")
         overrides.setdefault("prediction_type", "residual")
-        model = cls(vae_config=TINY_VAE, unet_config=TINY_UNET, latent_codec_config=TINY_LATENT_CODEC, **overrides)
+        model = cls(vae_config={**TINY_VAE, "latent_channels": latent_channels},
+                    unet_config={**TINY_UNET, "in_channels": latent_channels, "out_channels": latent_channels},
+                    latent_codec_config=TINY_LATENT_CODEC, **overrides)
         if model.config.prediction_type == "residual":
             zero_module(model.denoiser.unet.conv_out)  # start as the identity ẑ₀ = ĉ
         return model
