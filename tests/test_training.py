@@ -324,7 +324,11 @@ def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, t
         post = wide.vae.encode(x * 2 - 1).latent_dist  # the new channels' posterior: nearly deterministic
         assert post.std[:, 4:].max() < 0.01 and post.mean[:, 4:].std() > 0.01
         assert torch.allclose(post.logvar[:, :4], init.vae.encode(x * 2 - 1).latent_dist.logvar, atol=1e-4)
-        init.latent_codec.eval(), wide.latent_codec.eval()
+        from diffo.training import entropy_models
+
+        for m in (init, wide):  # the training forward pass (CompressAI's entropy models)
+            entropy_models.trainable(m)
+            m.latent_codec.eval()
         for rq in (0, 40000):  # the codec codes the old channels as before, base code and residual alike
             c_old = init.latent_codec(z_old, rq).c_hat
             c_new = wide.latent_codec(torch.cat([z_old, torch.randn_like(z_old)], 1), rq).c_hat
@@ -343,7 +347,7 @@ def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, t
     cfg.init, cfg.latent_channels, cfg.stages = str(tmp_path / "init"), 8, ["latents", "codec", "denoiser"]
     with pytest.raises(ValueError, match="new latent space.*vae, decoder, noise"):
         Trainer(cfg)
-    cfg.stages = ["vae", "latents", "decoder", "codec", "denoiser"]
+    cfg.stages = ["vae", "latents", "decoder", "codec", "denoiser", "noise"]
     folder = train_mod.train(cfg)
     model = DiffoCodec.from_pretrained(folder)
     assert model.latent_channels == 8 and model.decoder.net[0].in_channels == 8
