@@ -4,9 +4,9 @@ The embedded model's 4-channel latent caps what any denoiser can reach: decoded 
 held-out photos are already nearly as blurry (NIQE) as after coding, so the one step has nothing left to add.
 `widen_latent` builds the same architecture with more latent channels and copies every weight whose shape did
 not change (the VAE's body, the UNet's and the codec's inner layers). The layers that touch the latent keep the
-old channels' weights in place; every weight that reads a new channel starts at zero, so the widened model
-starts out computing exactly what the old one did, and the new channels are learnt from there (the same idea as
-ControlNet's zero convolutions). Every stage is then trained again (the latent space is new).
+old channels' weights in place; every weight by which an old channel's path reads a new channel starts at zero,
+so the widened model starts out computing exactly what the old one did, and the new channels are learnt from
+there (the same idea as ControlNet's zero convolutions). Every stage is then trained again (the latent space is new).
 """
 
 from __future__ import annotations
