@@ -24,6 +24,22 @@ def data_dir(tmp_path):
     return d
 
 
+def _spy_backward(monkeypatch) -> list:
+    """The value of every loss the training stages back-propagate, in order."""
+    from accelerate import Accelerator
+
+    losses, real_backward = [], Accelerator.backward
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: losses.append(loss.item())
+                        or real_backward(self, loss, **kw))
+    return losses
+
+
+def _stage_done(run, stage) -> dict:
+    """The `done` row a stage wrote to the run's train_log.jsonl."""
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("stage") == stage and r.get("done")][0]
+
+
 def _cfg(data_dir, out):
     return TrainConfig(data=[str(data_dir)], out=str(out),
                        steps={"vae": 2, "decoder": 2, "codec": 3, "denoiser": 3, "realism": 2},
@@ -230,7 +246,6 @@ def test_stages_are_checked(tmp_path):
 def test_decoder_stage_can_train_against_a_patch_discriminator(data_dir, tmp_path, monkeypatch):
     """`--decoder-adv-weight`: the fast decoder's loss gains the discriminator's term at the adaptive weight; the
     discriminator sees the photos as real and trains, is checkpointed, and the card records the option."""
-    from accelerate import Accelerator
     from safetensors.torch import load_file
 
     from diffo.models.diffo.discriminator import PatchDiscriminator
@@ -240,7 +255,7 @@ def test_decoder_stage_can_train_against_a_patch_discriminator(data_dir, tmp_pat
     init.save_pretrained(tmp_path / "init")
     cfg = _cfg(data_dir, tmp_path / "run")
     cfg.init, cfg.stages, cfg.decoder_adv_weight = str(tmp_path / "init"), ["decoder"], 0.5
-    seen, first_state, losses = [], {}, []
+    seen, first_state = [], {}
     real_forward = PatchDiscriminator.forward
 
     def spy(self, img):
@@ -250,12 +265,9 @@ def test_decoder_stage_can_train_against_a_patch_discriminator(data_dir, tmp_pat
         return real_forward(self, img)
 
     monkeypatch.setattr(PatchDiscriminator, "forward", spy)
-    real_backward = Accelerator.backward
-    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: losses.append(loss.item())
-                        or real_backward(self, loss, **kw))
+    losses = _spy_backward(monkeypatch)
     folder = train_mod.train(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    done = [r for r in rows if r.get("stage") == "decoder" and r.get("done")][0]
+    done = _stage_done(tmp_path / "run", "decoder")
     assert done["step"] == 2 and len(losses) == 2
     # the generator's loss is the reconstruction plus the weighted adversarial term (the last step's figures)
     mse = 4 / 10 ** (done["psnr"] / 10)
@@ -367,20 +379,14 @@ def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, t
 def test_the_denoisers_adversarial_weight_is_an_option_the_loss_and_the_card_carry(data_dir, tmp_path, monkeypatch):
     """`--denoiser-adv-weight W`: the denoiser's loss is latent MSE + the HaarPSI term + W x the UNet-feature
     discriminator's generator loss; the card's command records W; a negative W is refused."""
-    from accelerate import Accelerator
-
     init = DiffoCodec.from_preset("tiny")
     init.update()
     init.save_pretrained(tmp_path / "init")
     cfg = _cfg(data_dir, tmp_path / "run")
     cfg.init, cfg.stages, cfg.adv_weight, cfg.adv_start = str(tmp_path / "init"), ["latents", "denoiser"], 0.3, 0.0
-    losses = []
-    real_backward = Accelerator.backward
-    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: losses.append(loss.item())
-                        or real_backward(self, loss, **kw))
+    losses = _spy_backward(monkeypatch)
     folder = train_mod.train(cfg)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    done = [r for r in rows if r.get("stage") == "denoiser" and r.get("done")][0]
+    done = _stage_done(tmp_path / "run", "denoiser")
     assert done["g_adv"] > 0 and "d_loss" in done
     expected = done["mse"] + cfg.pixel_weight * (1 - done["hp"]) + 0.3 * done["g_adv"]
     assert losses[-1] == pytest.approx(expected, rel=1e-3)
