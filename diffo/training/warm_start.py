@@ -16,21 +16,10 @@ import logging
 import torch
 
 from ..models.base import public_config
-from ..models.diffo.codec import DiffoCodec
+from ..models.diffo.codec import DiffoCodec, with_latent_channels
 
 logger = logging.getLogger(__name__)
 NEW_CHANNEL_LOGVAR = -12.0  # posterior log-variance of a new latent channel at the start (std 0.0025)
-
-
-def widened_config(config, channels: int) -> dict:
-    """`config` (a DiffoCodec's) with `channels` latent channels in the VAE, UNet and fast decoder."""
-    cfg = public_config(config)
-    cfg["vae_config"] = {**cfg["vae_config"], "latent_channels": channels}  # the scale is kept: the old
-    # channels reach the codec and UNet as they were trained (the `latents` stage sets it anew)
-    cfg["unet_config"] = {**cfg["unet_config"], "in_channels": channels, "out_channels": channels}
-    if cfg.get("decoder_config"):
-        cfg["decoder_config"] = {**cfg["decoder_config"], "latent_channels": channels}
-    return cfg
 
 
 def _channel_map(old: int, new: int, c_old: int, c_new: int) -> torch.Tensor | None:
@@ -75,7 +64,9 @@ def widen_latent(source: DiffoCodec, channels: int) -> tuple[DiffoCodec, list[st
     c_old = source.latent_channels
     if channels <= c_old:
         raise ValueError(f"latent channels must be more than the model's {c_old} (got {channels})")
-    model = DiffoCodec(**widened_config(source.config, channels))
+    # the trained latent scale is kept, so the old channels reach the codec and UNet as they were trained on
+    # (the `latents` stage sets it anew)
+    model = DiffoCodec(**with_latent_channels(public_config(source.config), channels))
     own, theirs = model.state_dict(), source.state_dict()
     params = dict(model.named_parameters())
     state, widened = {}, []

@@ -48,6 +48,19 @@ TINY_LATENT_CODEC = dict(hidden=64, code_dim=8, codebook_size=256, y_channels=64
 SD_LATENT_CODEC = dict(hidden=192, code_dim=16, codebook_size=1024, y_channels=320, z_channels=192, num_gains=8)
 
 
+def with_latent_channels(config: dict, channels: int) -> dict:
+    """A DiffoCodec config (`vae_config`, `unet_config`, optional `decoder_config`) whose networks take
+    `channels` latent channels: every key that carries the latent's width, in one place."""
+    if channels < 1:
+        raise ValueError(f"latent channels must be >= 1 (got {channels})")
+    cfg = dict(config)
+    cfg["vae_config"] = {**cfg["vae_config"], "latent_channels": channels}
+    cfg["unet_config"] = {**cfg["unet_config"], "in_channels": channels, "out_channels": channels}
+    if cfg.get("decoder_config"):
+        cfg["decoder_config"] = {**cfg["decoder_config"], "latent_channels": channels}
+    return cfg
+
+
 @dataclass
 class EncodedLatent:
     """What the rate search reuses: the padded latent, the base strings and indices, the image size."""
@@ -166,12 +179,9 @@ class DiffoCodec(DiffoCoding, CodecBase):
         `latent_channels` channels in its latent space."""
         if name != "tiny":
             raise ValueError(f"unknown preset {name!r}: use 'tiny', or DiffoCodec.from_sd(...) for the 'sd' scale")
-        if latent_channels < 1:
-            raise ValueError(f"latent_channels must be >= 1 (got {latent_channels})")
         overrides.setdefault("prediction_type", "residual")
-        model = cls(vae_config={**TINY_VAE, "latent_channels": latent_channels},
-                    unet_config={**TINY_UNET, "in_channels": latent_channels, "out_channels": latent_channels},
-                    latent_codec_config=TINY_LATENT_CODEC, **overrides)
+        nets = with_latent_channels(dict(vae_config=TINY_VAE, unet_config=TINY_UNET), latent_channels)
+        model = cls(**nets, latent_codec_config=TINY_LATENT_CODEC, **overrides)
         if model.config.prediction_type == "residual":
             zero_module(model.denoiser.unet.conv_out)  # start as the identity ẑ₀ = ĉ
         return model
