@@ -329,6 +329,7 @@ def cmd_train(args) -> int:
                       lambda_max=args.lambda_max, realism_adv_weight=args.realism_adv_weight,
                       realism_l1_weight=args.realism_l1_weight, realism_real=args.realism_real,
                       realism_adv_schedule=args.realism_adv_schedule, decoder_adv_weight=args.decoder_adv_weight,
+                      decoder_fm_weight=args.decoder_fm_weight,
                       latent_channels=args.latent_channels, adv_weight=args.denoiser_adv_weight,
                       minutes={"vae": args.minutes_vae, "decoder": args.minutes_decoder, "codec": args.minutes_codec,
                                "denoiser": args.minutes_denoiser, "realism": args.minutes_realism},
@@ -507,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decoder-adv-weight", type=float, default=0.0,
                    help="decoder stage: weight of a pixel patch discriminator (adaptive, VQGAN-style) beside L1 + MSE, "
                         "so that the fast decoder renders texture (0: L1 + MSE only)")
+    t.add_argument("--decoder-fm-weight", type=float, default=0.0,
+                   help="decoder stage, with --decoder-adv-weight: weight of feature matching, the L1 between the "
+                        "patch discriminator's activations on the decoded and the real crops (a perceptual loss "
+                        "learned on the photos)")
     t.add_argument("--denoiser-adv-weight", type=float, default=0.01,
                    help="denoiser stage: weight of the discriminator on the UNet's features (OSDiff's), from 40%% "
                         "of the stage on (higher: more realism, less fidelity)")

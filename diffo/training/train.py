@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..models.diffo.codec import DiffoCodec
-from ..models.diffo.discriminator import (PatchDiscriminator, UNetFeatureDiscriminator, discriminator_loss, frozen,
-                                         generator_loss)
+from ..models.diffo.discriminator import (PatchDiscriminator, UNetFeatureDiscriminator, discriminator_loss,
+                                         feature_matching_loss, frozen, generator_loss)
 from ..extras import require
 from ..models.diffo.latent_codec import MAX_RATE_Q
 from . import checkpoint as ckpt
@@ -88,6 +88,7 @@ class TrainConfig:
     decoder_batch: int = 8
     decoder_adv_weight: float = 0.0  # fast decoder: pixel patch discriminator (non-saturating), its gradient
     # scaled to the reconstruction loss's at the last layer (VQGAN's adaptive weight) times this; 0: L1 + MSE only
+    decoder_fm_weight: float = 0.0  # ... plus this times the L1 between its activations on the decoded and real crops
     realism_adv_weight: float = 0.1  # pixel patch discriminator (non-saturating loss) in the realism stage
     realism_l1_weight: float = 1.0  # L1 of decoded crops against the real crops (see realism_real)
     realism_crop: int = 16  # decoded crops of this many latent pixels (of latent_crop) ...
@@ -107,6 +108,8 @@ class TrainConfig:
         real = "the photos" if self.realism_real == "photo" else "the decoded true latents"
         dec_adv = (f" + {self.decoder_adv_weight:g}·adaptive weight·pixel patch discriminator (non-saturating; "
                    f"the weight matches its gradient at the last layer to the reconstruction loss's)"
+                   + (f" + {self.decoder_fm_weight:g}·feature matching (L1 between its activations on the decoded "
+                      f"and the real crops)" if self.decoder_fm_weight else "")
                    if self.decoder_adv_weight else "")
         return (f"VAE L1 + MSE + 1e-4·KL; latent codec bits per pixel + λ·MSE (λ {self.lambda_min:g} at rate "
                 f"level 0 to {self.lambda_max:g} at 1, geometric) + VQ codebook + 0.25·commitment, base code alone in "
@@ -155,6 +158,10 @@ class Trainer:
             # fp16 without loss scaling can underflow the adversarial gradient that sets the adaptive weight
             raise ValueError(f"decoder_adv_weight must be >= 0 (got {cfg.decoder_adv_weight!r}) and needs "
                              f"--mixed-precision bf16 or no (got {cfg.mixed_precision!r})")
+        if cfg.decoder_fm_weight < 0 or (cfg.decoder_fm_weight and not cfg.decoder_adv_weight):
+            # the features are the patch discriminator's: without it there is nothing to match
+            raise ValueError(f"decoder_fm_weight must be >= 0 and needs decoder_adv_weight > 0 (got "
+                             f"{cfg.decoder_fm_weight!r} and {cfg.decoder_adv_weight!r})")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.ckdir = self.out / "checkpoint"
@@ -364,10 +371,20 @@ class Trainer:
             loss, stats = l1 + mse, {}
             if adversarial:
                 with frozen(disc):
-                    g_adv = generator_loss(disc(rec))
+                    if cfg.decoder_fm_weight:
+                        logits, fake_feats = disc.forward_features(rec)
+                        with torch.no_grad():
+                            real_feats = disc.forward_features(x)[1]
+                        fm = feature_matching_loss(fake_feats, real_feats)
+                    else:
+                        logits = disc(rec)
+                    g_adv = generator_loss(logits)
                 weight = cfg.decoder_adv_weight * adaptive_weight(loss, g_adv, last)
                 loss = loss + weight * g_adv
                 stats = {"g_adv": g_adv.item(), "w": weight.item()}
+                if cfg.decoder_fm_weight:
+                    loss = loss + cfg.decoder_fm_weight * fm
+                    stats["fm"] = fm.item()
             opt.zero_grad(set_to_none=True)
             self.acc.backward(loss)
             torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
@@ -634,7 +651,7 @@ class Trainer:
                 f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
                 f"--realism-l1-weight {c.realism_l1_weight:g} --realism-real {c.realism_real} "
                 f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g} "
-                f"--denoiser-adv-weight {c.adv_weight:g}"
+                f"--decoder-fm-weight {c.decoder_fm_weight:g} --denoiser-adv-weight {c.adv_weight:g}"
                 + (f" --latent-channels {c.latent_channels}" if c.latent_channels is not None else "")
                 + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 

@@ -54,6 +54,22 @@ class PatchDiscriminator(nn.Module):
         """Image in [-1, 1] → logit map (real > 0)."""
         return self.net(img)
 
+    def forward_features(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logit map and every activation before it (for feature matching: a perceptual distance learned on
+        the photos, where no pretrained network may be downloaded)."""
+        feats = []
+        for layer in self.net:
+            img = layer(img)
+            if isinstance(layer, nn.LeakyReLU):
+                feats.append(img)
+        return img, feats
+
+
+def feature_matching_loss(fake_feats: list[torch.Tensor], real_feats: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the layers of the L1 distance between the fake's and the real image's activations (pix2pixHD's
+    feature matching; the real side carries no gradient)."""
+    return sum(F.l1_loss(f.float(), r.detach().float()) for f, r in zip(fake_feats, real_feats)) / len(fake_feats)
+
 
 # The non-saturating GAN losses every adversarial training stage uses; a discriminator returns one logit map or
 # a list of them (one per feature level), real > 0.
