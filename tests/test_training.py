@@ -294,7 +294,6 @@ def test_decoder_stage_feature_matching_adds_the_discriminators_feature_distance
     disc, img = PatchDiscriminator().eval().requires_grad_(False), torch.rand(2, 3, 64, 64) * 2 - 1
     logits, feats = disc.forward_features(img)
     assert torch.equal(logits, disc(img)) and len(feats) == 4 and feats[0].shape == (2, 32, 32, 32)
-    assert feature_matching_loss(feats, feats).item() == 0
     other = disc.forward_features(img.flip(-1) * 0.5)[1]
     assert feature_matching_loss(other, feats).item() == pytest.approx(
         sum((a - b).abs().mean() for a, b in zip(other, feats)).item() / 4, rel=1e-5)
@@ -306,19 +305,20 @@ def test_decoder_stage_feature_matching_adds_the_discriminators_feature_distance
     cfg.init, cfg.stages, cfg.decoder_adv_weight, cfg.decoder_fm_weight = str(tmp_path / "init"), ["decoder"], 0.5, 3.0
     seen, real_features = [], PatchDiscriminator.forward_features
     monkeypatch.setattr(PatchDiscriminator, "forward_features",
-                        lambda self, x: seen.append(x.detach().clone()) or real_features(self, x))
+                        lambda self, x: seen.append((x.detach().clone(), x.requires_grad)) or real_features(self, x))
     losses = _spy_backward(monkeypatch)
     folder = train_mod.train(cfg)
     done = _stage_done(tmp_path / "run", "decoder")
-    # per step, the decoded crops, then the photos' (8-bit levels): the features matched are the real crops'
-    assert len(seen) == 4 and not torch.equal(seen[0], seen[1])
-    levels = (seen[1] + 1) / 2 * 255
+    # per step, the decoded crops (carrying the decoder's gradient), then the photos' (8-bit levels)
+    assert len(seen) == 4 and [g for _, g in seen[:2]] == [True, False] and not torch.equal(seen[0][0], seen[1][0])
+    levels = (seen[1][0] + 1) / 2 * 255
     assert torch.allclose(levels, levels.round(), atol=1e-3)
     mse = 4 / 10 ** (done["psnr"] / 10)
     assert done["fm"] > 0 and losses[-1] == pytest.approx(
         done["l1"] + mse + done["w"] * done["g_adv"] + 3.0 * done["fm"], rel=1e-4)
     assert "--decoder-fm-weight 3" in (folder / "README.md").read_text()
-    assert "3·feature matching" in cfg.losses() and "feature matching" not in TrainConfig(decoder_adv_weight=1).losses()
+    assert "3·feature matching" in cfg.losses()
+    assert "feature matching" not in TrainConfig(decoder_adv_weight=1).losses()
     for bad in ({"decoder_fm_weight": -1.0, "decoder_adv_weight": 1.0}, {"decoder_fm_weight": 1.0}):
         with pytest.raises(ValueError, match="decoder_fm_weight"):
             Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), **bad))

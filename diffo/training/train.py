@@ -382,7 +382,7 @@ class Trainer:
                 weight = cfg.decoder_adv_weight * adaptive_weight(loss, g_adv, last)
                 loss = loss + weight * g_adv
                 stats = {"g_adv": g_adv.item(), "w": weight.item()}
-                if cfg.decoder_fm_weight:
+                if cfg.decoder_fm_weight:  # after the adaptive weight: the adversarial term is matched to L1 + MSE
                     loss = loss + cfg.decoder_fm_weight * fm
                     stats["fm"] = fm.item()
             opt.zero_grad(set_to_none=True)
