@@ -232,6 +232,39 @@ def test_realism_stage_can_judge_against_the_photos(data_dir, tmp_path, monkeypa
     assert not (tmp_path / "run2").exists()
 
 
+def test_realism_stage_feature_matching_follows_the_adversarial_schedule(data_dir, tmp_path, monkeypatch):
+    """`--realism-fm-weight`: the one step's loss gains W·scale·(mean L1 between the patch discriminator's activations
+    on the decoded output and on the photo crops), scale being the adversarial term's strength schedule."""
+    from diffo.models.diffo.discriminator import PatchDiscriminator
+
+    init = DiffoCodec.from_preset("tiny")
+    init.update()
+    init.add_fast_decoder()
+    init.save_pretrained(tmp_path / "init")
+    cfg = _cfg(data_dir, tmp_path / "run")
+    cfg.init, cfg.stages, cfg.realism_real, cfg.realism_crop = str(tmp_path / "init"), ["latents", "realism"], \
+        "photo", 8
+    cfg.realism_fm_weight, cfg.realism_adv_schedule = 2.0, "strength"
+    seen, real_features = [], PatchDiscriminator.forward_features
+    monkeypatch.setattr(PatchDiscriminator, "forward_features",
+                        lambda self, x: seen.append((x.detach().clone(), x.requires_grad)) or real_features(self, x))
+    losses = _spy_backward(monkeypatch)
+    folder = train_mod.train(cfg)
+    done = _stage_done(tmp_path / "run", "realism")
+    # per step, the decoded output (carrying the denoiser's gradient), then the photo crops (8-bit levels)
+    assert len(seen) == 4 and [g for _, g in seen[:2]] == [True, False] and seen[1][0].shape == (2, 3, 64, 64)
+    levels = (seen[1][0] + 1) / 2 * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and not torch.equal(seen[0][0], seen[1][0])
+    scale = done["s"] / 0.6
+    assert done["fm"] > 0 and losses[-1] == pytest.approx(
+        done["mse"] + done["l1"] + 0.1 * scale * done["g_adv"] + 2.0 * scale * done["fm"], rel=1e-4)
+    assert "--realism-fm-weight 2" in (folder / "README.md").read_text()
+    assert "2·(strength / 0.6)·feature matching" in cfg.losses()
+    assert "feature matching" not in TrainConfig().losses()
+    with pytest.raises(ValueError, match="realism_fm_weight"):
+        Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), realism_fm_weight=-1.0))
+
+
 def test_stages_are_checked(tmp_path):
     cfg = TrainConfig(data=[str(tmp_path)], stages=["decoder", "realism"], init=str(tmp_path))
     with pytest.raises(ValueError, match="latent cache"):

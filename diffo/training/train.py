@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..models.diffo.codec import DiffoCodec
 from ..models.diffo.discriminator import (PatchDiscriminator, UNetFeatureDiscriminator, discriminator_loss,
-                                         feature_matching_loss, frozen, generator_loss)
+                                         frozen, generator_loss, patch_generator_terms)
 from ..extras import require
 from ..models.diffo.latent_codec import MAX_RATE_Q
 from . import checkpoint as ckpt
@@ -91,6 +91,8 @@ class TrainConfig:
     decoder_fm_weight: float = 0.0  # ... plus this times the L1 between its activations on the decoded and real crops
     realism_adv_weight: float = 0.1  # pixel patch discriminator (non-saturating loss) in the realism stage
     realism_l1_weight: float = 1.0  # L1 of decoded crops against the real crops (see realism_real)
+    realism_fm_weight: float = 0.0  # feature matching: L1 between the patch discriminator's activations on the
+    # decoded and the real crops (on the adversarial term's schedule)
     realism_crop: int = 16  # decoded crops of this many latent pixels (of latent_crop) ...
     realism_batch: int = 8  # ... for each item of a batch of this many
     realism_strengths: tuple = (0.1, 0.6)  # strength drawn uniformly in this range for every batch
@@ -120,7 +122,9 @@ class TrainConfig:
                 f"uniform in [0, {max(noise_tuning.STRENGTHS):g}]; fast decoder: L1 + MSE against the photos from "
                 f"the frozen VAE encoder's latents{dec_adv}; realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded "
                 f"crops against the real crops + {self.realism_adv_weight:g}{scale}·pixel patch discriminator "
-                f"(non-saturating; real crops: {real}), "
+                f"(non-saturating; real crops: {real})"
+                + (f" + {self.realism_fm_weight:g}{scale}·feature matching (L1 between its activations on the "
+                   f"decoded and the real crops)" if self.realism_fm_weight else "") + ", "
                 f"strength uniform in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]")
 
 
@@ -162,6 +166,8 @@ class Trainer:
             # the features are the patch discriminator's: without it there is nothing to match
             raise ValueError(f"decoder_fm_weight must be >= 0 and needs decoder_adv_weight > 0 (got "
                              f"{cfg.decoder_fm_weight!r} and {cfg.decoder_adv_weight!r})")
+        if cfg.realism_fm_weight < 0:
+            raise ValueError(f"realism_fm_weight must be >= 0 (got {cfg.realism_fm_weight!r})")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.ckdir = self.out / "checkpoint"
@@ -370,19 +376,11 @@ class Trainer:
             l1, mse = F.l1_loss(rec, x), F.mse_loss(rec, x)
             loss, stats = l1 + mse, {}
             if adversarial:
-                with frozen(disc):
-                    if cfg.decoder_fm_weight:
-                        logits, fake_feats = disc.forward_features(rec)
-                        with torch.no_grad():
-                            real_feats = disc.forward_features(x)[1]
-                        fm = feature_matching_loss(fake_feats, real_feats)
-                    else:
-                        logits = disc(rec)
-                    g_adv = generator_loss(logits)
+                g_adv, fm = patch_generator_terms(disc, rec, x, feature_matching=cfg.decoder_fm_weight > 0)
                 weight = cfg.decoder_adv_weight * adaptive_weight(loss, g_adv, last)
                 loss = loss + weight * g_adv
                 stats = {"g_adv": g_adv.item(), "w": weight.item()}
-                if cfg.decoder_fm_weight:  # after the adaptive weight: the adversarial term is matched to L1 + MSE
+                if fm is not None:  # after the adaptive weight: the adversarial term is matched to L1 + MSE
                     loss = loss + cfg.decoder_fm_weight * fm
                     stats["fm"] = fm.item()
             opt.zero_grad(set_to_none=True)
@@ -581,11 +579,14 @@ class Trainer:
                 real = decode(crop(z)) if photos is None else crop8(x)
             with self.acc.autocast():
                 fake = decode(crop(x0)).float()
-                with frozen(disc):
-                    g_adv = generator_loss(disc(fake))
+                g_adv, fm = patch_generator_terms(disc, fake, real, feature_matching=cfg.realism_fm_weight > 0)
             l1 = F.l1_loss(fake, real)
-            adv_weight = cfg.realism_adv_weight * (strength / hi if cfg.realism_adv_schedule == "strength" else 1.0)
-            loss = mse + cfg.realism_l1_weight * l1 + adv_weight * g_adv
+            scale = strength / hi if cfg.realism_adv_schedule == "strength" else 1.0
+            loss = mse + cfg.realism_l1_weight * l1 + cfg.realism_adv_weight * scale * g_adv
+            stats = {}
+            if fm is not None:  # on the adversarial term's schedule: both pull away from the blurry mean
+                loss = loss + cfg.realism_fm_weight * scale * fm
+                stats["fm"] = fm.item()
             opt.zero_grad(set_to_none=True)
             self.acc.backward(loss)
             torch.nn.utils.clip_grad_norm_(gen_params, 1.0)
@@ -598,7 +599,7 @@ class Trainer:
             disc_opt.step()
             return {"rate": rate_q / MAX_RATE_Q, "s": strength, "mse": mse.item(), "mse_in": F.mse_loss(c_hat, z).item(),
                     "l1": l1.item(), "g_adv": g_adv.item(), "d_loss": d_loss.item(),
-                    "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item()}
+                    "d_real": d_real.mean().item(), "d_fake": d_fake.mean().item(), **stats}
 
         self._loop("realism", gen_params, step, optimizers_extra={"patch_disc": disc_opt},
                    extra_modules=lambda: {"patch_disc": disc})
@@ -649,7 +650,8 @@ class Trainer:
                 f"--minutes-denoiser {c.minutes['denoiser']} --minutes-decoder {c.minutes['decoder']} "
                 f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
                 f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
-                f"--realism-l1-weight {c.realism_l1_weight:g} --realism-real {c.realism_real} "
+                f"--realism-l1-weight {c.realism_l1_weight:g} --realism-fm-weight {c.realism_fm_weight:g} "
+                f"--realism-real {c.realism_real} "
                 f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g} "
                 f"--decoder-fm-weight {c.decoder_fm_weight:g} --denoiser-adv-weight {c.adv_weight:g}"
                 + (f" --latent-channels {c.latent_channels}" if c.latent_channels is not None else "")

@@ -71,6 +71,19 @@ def feature_matching_loss(fake_feats: list[torch.Tensor], real_feats: list[torch
     return sum(F.l1_loss(f.float(), r.detach().float()) for f, r in zip(fake_feats, real_feats)) / len(fake_feats)
 
 
+def patch_generator_terms(disc: PatchDiscriminator, fake: torch.Tensor, real: torch.Tensor,
+                          feature_matching: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The generator's terms against a patch discriminator, its weights frozen: the non-saturating loss on the
+    fake crops and, with `feature_matching`, the feature distance to the real crops (else None)."""
+    with frozen(disc):
+        if not feature_matching:
+            return generator_loss(disc(fake)), None
+        logits, fake_feats = disc.forward_features(fake)
+        with torch.no_grad():
+            real_feats = disc.forward_features(real)[1]
+        return generator_loss(logits), feature_matching_loss(fake_feats, real_feats)
+
+
 # The non-saturating GAN losses every adversarial training stage uses; a discriminator returns one logit map or
 # a list of them (one per feature level), real > 0.
 def _maps(logits) -> list:
