@@ -152,6 +152,7 @@ def test_noise_stage_tunes_the_map_on_held_out_photos(data_dir, tmp_path, monkey
     assert table["chosen"][0] >= table["chosen"][1] and set(table["chosen"]) <= {0.0, 0.3}
     card = (folder / "README.md").read_text()
     assert "Noise map" in card and "| NIQE |" in card  # NaN here: the 64 px crops are below NIQE's two blocks
+    assert "tuned on the held-out photos, criterion: HaarPSI" in card
     ceiling = json.loads((tmp_path / "run" / "holdout_ceiling.json").read_text())
     assert set(ceiling) == {"psnr_true_latent", "niqe_true_latent", "niqe_original"}
     assert 5 < ceiling["psnr_true_latent"] < 60 and f"{ceiling['psnr_true_latent']:.2f} dB" in card
@@ -350,6 +351,7 @@ def test_decoder_stage_feature_matching_adds_the_discriminators_feature_distance
     assert done["fm"] > 0 and losses[-1] == pytest.approx(
         done["l1"] + mse + done["w"] * done["g_adv"] + 3.0 * done["fm"], rel=1e-4)
     assert "--decoder-fm-weight 3" in (folder / "README.md").read_text()
+    assert "kept from the model this run started from" in (folder / "README.md").read_text()  # no noise stage
     assert "3·feature matching" in cfg.losses()
     assert "feature matching" not in TrainConfig(decoder_adv_weight=1).losses()
     for bad in ({"decoder_fm_weight": -1.0, "decoder_adv_weight": 1.0}, {"decoder_fm_weight": 1.0}):

@@ -134,7 +134,7 @@ measured by `diffo.training.model_card.evaluate_holdout`:
 |---|---|---|---|---|---|---|---|---|
 {table}
 {ceiling_line}
-Noise map (rate level → strength of the denoiser's starting noise, tuned on the held-out photos,
-criterion: {train_info.get('noise_criterion', 'HaarPSI')}): {train_info.get('noise_map', '')}. Kodak-24 figures against the classical codecs: the project
+Noise map (rate level → strength of the denoiser's starting noise,
+{train_info.get('noise_origin', 'tuned on the held-out photos, criterion: HaarPSI')}): {train_info.get('noise_map', '')}. Kodak-24 figures against the classical codecs: the project
 README (`python -m diffo eval`).
 """

@@ -633,8 +633,10 @@ class Trainer:
                 "seconds": self.progress["seconds"], "hardware": _hardware(), "init": self.cfg.init,
                 "losses": self.cfg.losses(),
                 "cores": torch.get_num_threads(),
-                "noise_criterion": self.cfg.noise_criterion if self.cfg.noise_criterion == "haarpsi"
-                else "the strongest noise within 0.3 dB of the no-denoise PSNR",
+                "noise_origin": "kept from the model this run started from (this run did not tune it)"
+                if "noise" not in self.progress.get("steps_done", {}) else "tuned on the held-out photos, criterion: "
+                + ("HaarPSI" if self.cfg.noise_criterion == "haarpsi"
+                   else "the strongest noise within 0.3 dB of the no-denoise PSNR"),
                 "noise_map": ", ".join(f"{r:g} → {s:g}" for r, s in zip(self.model.config.noise_rates,
                                                                      self.model.config.noise_strengths))}
         folder = finalize(self.model, self.out / "model", self.held_files, info)
