@@ -136,6 +136,19 @@ def test_strongest_criterion_takes_the_most_noise_the_psnr_tolerance_allows():
     assert strongest_within([[20.0, 19.0, 18.0], [24.0, 24.0, 24.0]], [20.0, 24.0], strengths, 0.3) == [0.0, 0.0]
 
 
+def test_the_card_says_where_the_noise_map_comes_from():
+    """Tuned in this run (and by which criterion), kept from --init, or the preset's: a run that skips the noise
+    stage, or finds no held-out photos to tune on, must not claim a tuning it did not do."""
+    from types import SimpleNamespace
+
+    origin = lambda progress, **cfg: Trainer._noise_origin(SimpleNamespace(progress=progress,  # noqa: E731
+                                                                           cfg=TrainConfig(**cfg)))
+    assert origin({"noise_tuned": True}) == "tuned on the held-out photos, criterion: HaarPSI"
+    assert "the strongest noise within 0.3 dB" in origin({"noise_tuned": True}, noise_criterion="strongest")
+    assert origin({}, init="x").startswith("kept from the model this run started from")
+    assert origin({"steps_done": {"noise": 0}}).startswith("the preset's default")  # stage ran, nothing held out
+
+
 def test_noise_stage_tunes_the_map_on_held_out_photos(data_dir, tmp_path, monkeypatch):
     from diffo.training import noise_tuning
 

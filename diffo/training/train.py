@@ -619,7 +619,7 @@ class Trainer:
             table = noise_tuning.tune(self.model, crops, criterion=self.cfg.noise_criterion)
         (self.out / "noise_tuning.json").write_text(json.dumps(table, indent=1))
         self.progress.update(noise_rates=list(self.model.config.noise_rates),
-                             noise_strengths=list(self.model.config.noise_strengths))
+                             noise_strengths=list(self.model.config.noise_strengths), noise_tuned=True)
         self.progress["seconds"]["noise"] = time.time() - t0
         self._log(stage="noise", chosen=table["chosen"], t=round(time.time() - t0))
         self._next_stage("noise")
@@ -633,15 +633,23 @@ class Trainer:
                 "seconds": self.progress["seconds"], "hardware": _hardware(), "init": self.cfg.init,
                 "losses": self.cfg.losses(),
                 "cores": torch.get_num_threads(),
-                "noise_origin": "kept from the model this run started from (this run did not tune it)"
-                if "noise" not in self.progress.get("steps_done", {}) else "tuned on the held-out photos, criterion: "
-                + ("HaarPSI" if self.cfg.noise_criterion == "haarpsi"
-                   else "the strongest noise within 0.3 dB of the no-denoise PSNR"),
+                "noise_origin": self._noise_origin(),
                 "noise_map": ", ".join(f"{r:g} → {s:g}" for r, s in zip(self.model.config.noise_rates,
                                                                      self.model.config.noise_strengths))}
         folder = finalize(self.model, self.out / "model", self.held_files, info)
         logger.info("saved %s", folder)  # its fingerprint: of the stored (half-precision) weights, see finalize
         return folder
+
+    def _noise_origin(self) -> str:
+        """Where the saved noise map comes from, for the model card (a run may skip the noise stage, or find no
+        held-out photos to tune on)."""
+        if self.progress.get("noise_tuned"):
+            return "tuned on the held-out photos, criterion: " + (
+                "HaarPSI" if self.cfg.noise_criterion == "haarpsi"
+                else "the strongest noise within 0.3 dB of the no-denoise PSNR")
+        if self.cfg.init:
+            return "kept from the model this run started from (this run did not tune it)"
+        return "the preset's default (this run did not tune it)"
 
     def cfg_command(self) -> str:
         c = self.cfg
