@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,12 +214,25 @@ def test_stages_continue_a_saved_model_with_a_fast_decoder_and_the_realism_stage
     assert not torch.allclose(model.decode_latent(lat), init.decode_latent(lat))
 
 
-def test_realism_stage_can_judge_against_the_photos(data_dir, tmp_path, monkeypatch):
-    """`--realism-real photo`: the discriminator's real crops are the photo crops themselves (encoded on the
-    fly for the generator), not the decoded true latents; a wrong choice is refused by name."""
+def _train_spying_on_features(cfg, monkeypatch, stage):
+    """Train `cfg` recording each pass through the patch discriminator's features, and check what both
+    feature-matching stages share: per step the generator's output (carrying its gradient), then the photo crops
+    (8-bit levels). Returns the model folder, the stage's `done` row, the losses and the recorded passes."""
     from diffo.models.diffo.discriminator import PatchDiscriminator
-    from diffo.training import data
 
+    seen, real_features = [], PatchDiscriminator.forward_features
+    monkeypatch.setattr(PatchDiscriminator, "forward_features",
+                        lambda self, x: seen.append((x.detach().clone(), x.requires_grad)) or real_features(self, x))
+    losses = _spy_backward(monkeypatch)
+    folder = train_mod.train(cfg)
+    assert len(seen) == 4 and [g for _, g in seen[:2]] == [True, False] and not torch.equal(seen[0][0], seen[1][0])
+    levels = (seen[1][0] + 1) / 2 * 255
+    assert torch.allclose(levels, levels.round(), atol=1e-3)
+    return folder, _stage_done(Path(cfg.out), stage), losses, seen
+
+
+def _photo_realism_cfg(data_dir, tmp_path) -> TrainConfig:
+    """A realism-stage run judged against the photos, from a fresh tiny model with its fast decoder."""
     init = DiffoCodec.from_preset("tiny")
     init.update()
     init.add_fast_decoder()
@@ -226,6 +240,16 @@ def test_realism_stage_can_judge_against_the_photos(data_dir, tmp_path, monkeypa
     cfg = _cfg(data_dir, tmp_path / "run")
     cfg.init, cfg.stages, cfg.realism_real, cfg.realism_crop = str(tmp_path / "init"), ["latents", "realism"], \
         "photo", 8
+    return cfg
+
+
+def test_realism_stage_can_judge_against_the_photos(data_dir, tmp_path, monkeypatch):
+    """`--realism-real photo`: the discriminator's real crops are the photo crops themselves (encoded on the
+    fly for the generator), not the decoded true latents; a wrong choice is refused by name."""
+    from diffo.models.diffo.discriminator import PatchDiscriminator
+    from diffo.training import data
+
+    cfg = _photo_realism_cfg(data_dir, tmp_path)
     photos, seen = [], []
     real_batch = data.CropSampler.batch
     monkeypatch.setattr(data.CropSampler, "batch", lambda self, n: photos.append(real_batch(self, n)) or photos[-1])
@@ -249,27 +273,12 @@ def test_realism_stage_can_judge_against_the_photos(data_dir, tmp_path, monkeypa
 def test_realism_stage_feature_matching_follows_the_adversarial_schedule(data_dir, tmp_path, monkeypatch):
     """`--realism-fm-weight`: the one step's loss gains W·scale·(mean L1 between the patch discriminator's activations
     on the decoded output and on the photo crops), scale being the adversarial term's strength schedule."""
-    from diffo.models.diffo.discriminator import PatchDiscriminator
-
-    init = DiffoCodec.from_preset("tiny")
-    init.update()
-    init.add_fast_decoder()
-    init.save_pretrained(tmp_path / "init")
-    cfg = _cfg(data_dir, tmp_path / "run")
-    cfg.init, cfg.stages, cfg.realism_real, cfg.realism_crop = str(tmp_path / "init"), ["latents", "realism"], \
-        "photo", 8
+    cfg = _photo_realism_cfg(data_dir, tmp_path)
     cfg.realism_fm_weight, cfg.realism_adv_schedule = 2.0, "strength"
-    seen, real_features = [], PatchDiscriminator.forward_features
-    monkeypatch.setattr(PatchDiscriminator, "forward_features",
-                        lambda self, x: seen.append((x.detach().clone(), x.requires_grad)) or real_features(self, x))
-    losses = _spy_backward(monkeypatch)
-    folder = train_mod.train(cfg)
-    done = _stage_done(tmp_path / "run", "realism")
-    # per step, the decoded output (carrying the denoiser's gradient), then the photo crops (8-bit levels)
-    assert len(seen) == 4 and [g for _, g in seen[:2]] == [True, False] and seen[1][0].shape == (2, 3, 64, 64)
-    levels = (seen[1][0] + 1) / 2 * 255
-    assert torch.allclose(levels, levels.round(), atol=1e-3) and not torch.equal(seen[0][0], seen[1][0])
+    folder, done, losses, seen = _train_spying_on_features(cfg, monkeypatch, "realism")
+    assert seen[1][0].shape == (2, 3, 64, 64)
     scale = done["s"] / 0.6
+    assert scale < 0.99  # a scale of 1 could not tell the schedule from none
     assert done["fm"] > 0 and losses[-1] == pytest.approx(
         done["mse"] + done["l1"] + 0.1 * scale * done["g_adv"] + 2.0 * scale * done["fm"], rel=1e-4)
     assert "--realism-fm-weight 2" in (folder / "README.md").read_text()
@@ -350,16 +359,7 @@ def test_decoder_stage_feature_matching_adds_the_discriminators_feature_distance
     init.save_pretrained(tmp_path / "init")
     cfg = _cfg(data_dir, tmp_path / "run")
     cfg.init, cfg.stages, cfg.decoder_adv_weight, cfg.decoder_fm_weight = str(tmp_path / "init"), ["decoder"], 0.5, 3.0
-    seen, real_features = [], PatchDiscriminator.forward_features
-    monkeypatch.setattr(PatchDiscriminator, "forward_features",
-                        lambda self, x: seen.append((x.detach().clone(), x.requires_grad)) or real_features(self, x))
-    losses = _spy_backward(monkeypatch)
-    folder = train_mod.train(cfg)
-    done = _stage_done(tmp_path / "run", "decoder")
-    # per step, the decoded crops (carrying the decoder's gradient), then the photos' (8-bit levels)
-    assert len(seen) == 4 and [g for _, g in seen[:2]] == [True, False] and not torch.equal(seen[0][0], seen[1][0])
-    levels = (seen[1][0] + 1) / 2 * 255
-    assert torch.allclose(levels, levels.round(), atol=1e-3)
+    folder, done, losses, _ = _train_spying_on_features(cfg, monkeypatch, "decoder")
     mse = 4 / 10 ** (done["psnr"] / 10)
     assert done["fm"] > 0 and losses[-1] == pytest.approx(
         done["l1"] + mse + done["w"] * done["g_adv"] + 3.0 * done["fm"], rel=1e-4)
