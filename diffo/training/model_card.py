@@ -92,7 +92,7 @@ def finalize(model, folder: Path, held_files: list[Path], train_info: dict) -> P
 
 def model_card(name: str, train_info: dict, holdout: list[dict], n_held: int, ceiling: dict | None = None) -> str:
     init = f"\n- Started from: {train_info['init']}" if train_info.get("init") else ""
-    losses = f"\n- Losses: {train_info['losses']}" if train_info.get("losses") else ""
+    losses = f"\n- Losses of the stages this run trained: {train_info['losses']}" if train_info.get("losses") else ""
     seconds = train_info.get("seconds", {})
     cores = train_info.get("cores", 1)
     cpu_hours = (", ".join(f"{k} {v * cores / 3600:.2f}" for k, v in seconds.items())

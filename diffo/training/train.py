@@ -104,8 +104,9 @@ class TrainConfig:
     checkpoint_minutes: float = 3.0
     seed: int = 0
 
-    def losses(self) -> str:
-        """The objectives of each stage with this configuration's weights (for the model card)."""
+    def losses(self, stages=None) -> str:
+        """The objectives of the given training stages (default: all) with this configuration's weights, for the
+        model card, which names only the stages its run trained."""
         scale = f"·(strength / {self.realism_strengths[1]:g})" if self.realism_adv_schedule == "strength" else ""
         real = "the photos" if self.realism_real == "photo" else "the decoded true latents"
         dec_adv = (f" + {self.decoder_adv_weight:g}·adaptive weight·pixel patch discriminator (non-saturating; "
@@ -113,19 +114,23 @@ class TrainConfig:
                    + (f" + {self.decoder_fm_weight:g}·feature matching (L1 between its activations on the decoded "
                       f"and the real crops)" if self.decoder_fm_weight else "")
                    if self.decoder_adv_weight else "")
-        return (f"VAE L1 + MSE + 1e-4·KL; latent codec bits per pixel + λ·MSE (λ {self.lambda_min:g} at rate "
-                f"level 0 to {self.lambda_max:g} at 1, geometric) + VQ codebook + 0.25·commitment, base code alone in "
-                f"{self.base_only_prob:.0%} of batches, dead codes restarted; control module + UNet: latent MSE "
-                f"+ {self.pixel_weight:g}·(1 − HaarPSI) of decoded crops + {self.adv_weight:g}·adversarial loss "
-                f"of the discriminator on the UNet's middle-layer features (from {self.adv_start:.0%} of the "
-                f"stage), strength from the noise map or, in {self.random_strength_prob:.0%} of batches, "
-                f"uniform in [0, {max(noise_tuning.STRENGTHS):g}]; fast decoder: L1 + MSE against the photos from "
-                f"the frozen VAE encoder's latents{dec_adv}; realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded "
-                f"crops against the real crops + {self.realism_adv_weight:g}{scale}·pixel patch discriminator "
-                f"(non-saturating; real crops: {real})"
-                + (f" + {self.realism_fm_weight:g}{scale}·feature matching (L1 between its activations on the "
-                   f"decoded and the real crops)" if self.realism_fm_weight else "") + ", "
-                f"strength uniform in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]")
+        parts = {
+            "vae": "VAE L1 + MSE + 1e-4·KL",
+            "codec": f"latent codec bits per pixel + λ·MSE (λ {self.lambda_min:g} at rate level 0 to "
+                     f"{self.lambda_max:g} at 1, geometric) + VQ codebook + 0.25·commitment, base code alone in "
+                     f"{self.base_only_prob:.0%} of batches, dead codes restarted",
+            "denoiser": f"control module + UNet: latent MSE + {self.pixel_weight:g}·(1 − HaarPSI) of decoded crops + "
+                        f"{self.adv_weight:g}·adversarial loss of the discriminator on the UNet's middle-layer "
+                        f"features (from {self.adv_start:.0%} of the stage), strength from the noise map or, in "
+                        f"{self.random_strength_prob:.0%} of batches, uniform in [0, {max(noise_tuning.STRENGTHS):g}]",
+            "decoder": f"fast decoder: L1 + MSE against the photos from the frozen VAE encoder's latents{dec_adv}",
+            "realism": f"realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded crops against the real crops "
+                       f"+ {self.realism_adv_weight:g}{scale}·pixel patch discriminator (non-saturating; real crops: "
+                       f"{real})" + (f" + {self.realism_fm_weight:g}{scale}·feature matching (L1 between its "
+                                     f"activations on the decoded and the real crops)" if self.realism_fm_weight else "")
+                       + f", strength uniform in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]",
+        }
+        return "; ".join(v for k, v in parts.items() if stages is None or k in stages)
 
 
 def _lambda(cfg: TrainConfig, rate_q: int) -> float:
@@ -631,7 +636,7 @@ class Trainer:
         info = {"command": self.cfg_command(), "data": ", ".join(map(str, self.cfg.data)),
                 "stages": {k: {"steps": v} for k, v in self.progress.get("steps_done", {}).items()},
                 "seconds": self.progress["seconds"], "hardware": _hardware(), "init": self.cfg.init,
-                "losses": self.cfg.losses(),
+                "losses": self.cfg.losses(stages=self.progress.get("steps_done", {})),
                 "cores": torch.get_num_threads(),
                 "noise_origin": self._noise_origin(),
                 "noise_map": ", ".join(f"{r:g} → {s:g}" for r, s in zip(self.model.config.noise_rates,
