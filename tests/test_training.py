@@ -363,11 +363,12 @@ def test_decoder_stage_feature_matching_adds_the_discriminators_feature_distance
     mse = 4 / 10 ** (done["psnr"] / 10)
     assert done["fm"] > 0 and losses[-1] == pytest.approx(
         done["l1"] + mse + done["w"] * done["g_adv"] + 3.0 * done["fm"], rel=1e-4)
-    assert "--decoder-fm-weight 3" in (folder / "README.md").read_text()
     card = (folder / "README.md").read_text()
+    assert "--decoder-fm-weight 3" in card
     assert "kept from the model this run started from" in card  # no noise stage
-    losses = card.split("Losses of the stages this run trained: ")[1].splitlines()[0]  # the decoder's only
-    assert losses.startswith("fast decoder: L1 + MSE") and "latent codec" not in losses and "realism" not in losses
+    card_losses = card.split("Losses of the stages this run trained: ")[1].splitlines()[0]  # the decoder's only
+    assert card_losses.startswith("fast decoder: L1 + MSE")
+    assert "latent codec" not in card_losses and "realism" not in card_losses
     assert "3·feature matching" in cfg.losses()
     assert "feature matching" not in TrainConfig(decoder_adv_weight=1).losses()
     for bad in ({"decoder_fm_weight": -1.0, "decoder_adv_weight": 1.0}, {"decoder_fm_weight": 1.0}):
