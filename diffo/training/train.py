@@ -120,8 +120,8 @@ class TrainConfig:
                      f"{self.lambda_max:g} at 1, geometric) + VQ codebook + 0.25·commitment, base code alone in "
                      f"{self.base_only_prob:.0%} of batches, dead codes restarted",
             "denoiser": f"control module + UNet: latent MSE + {self.pixel_weight:g}·(1 − HaarPSI) of decoded crops + "
-                        f"{self.adv_weight:g}·adversarial loss of the discriminator on the UNet's middle-layer "
-                        f"features (from {self.adv_start:.0%} of the stage), strength from the noise map or, in "
+                        f"{self.adv_weight:g}·adversarial loss of a discriminator on a frozen copy of the "
+                        f"UNet's encoder and middle-block features (from {self.adv_start:.0%} of the stage), strength from the noise map or, in "
                         f"{self.random_strength_prob:.0%} of batches, uniform in [0, {max(noise_tuning.STRENGTHS):g}]",
             "decoder": f"fast decoder: L1 + MSE against the photos from the frozen VAE encoder's latents{dec_adv}",
             "realism": f"realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded crops against the real crops "
