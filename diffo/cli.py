@@ -332,6 +332,7 @@ def cmd_train(args) -> int:
                       realism_adv_schedule=args.realism_adv_schedule, decoder_adv_weight=args.decoder_adv_weight,
                       decoder_fm_weight=args.decoder_fm_weight,
                       latent_channels=args.latent_channels, adv_weight=args.denoiser_adv_weight,
+                      disc_backbone=args.denoiser_disc_backbone,
                       minutes={"vae": args.minutes_vae, "decoder": args.minutes_decoder, "codec": args.minutes_codec,
                                "denoiser": args.minutes_denoiser, "realism": args.minutes_realism},
                       steps={k: args.steps for k in ("vae", "decoder", "codec", "denoiser", "realism")})
@@ -519,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--denoiser-adv-weight", type=float, default=0.01,
                    help="denoiser stage: weight of the discriminator on the UNet's features (OSDiff's), from 40%% "
                         "of the stage on (higher: more realism, less fidelity)")
+    t.add_argument("--denoiser-disc-backbone", choices=["frozen", "trained"], default="frozen",
+                   help="denoiser stage: the discriminator's copy of the UNet frozen (OSDiff's, for a pretrained "
+                        "UNet) or trained with its heads (a tiny UNet's frozen features barely tell real from fake)")
     t.add_argument("--latent-channels", type=int, default=None,
                    help="tiny: a latent space of this many channels; more than --init's widens that model (it "
                         "starts out computing what the old one did) and every stage trains again (default: the "

@@ -474,29 +474,36 @@ def test_the_denoisers_adversarial_weight_is_an_option_the_loss_and_the_card_car
     init.save_pretrained(tmp_path / "init")
     cfg = _cfg(data_dir, tmp_path / "run")
     cfg.init, cfg.stages, cfg.adv_weight, cfg.adv_start = str(tmp_path / "init"), ["latents", "denoiser"], 0.3, 0.0
+    cfg.disc_backbone = "trained"
     losses = _spy_backward(monkeypatch)
     folder = train_mod.train(cfg)
     done = _stage_done(tmp_path / "run", "denoiser")
     assert done["g_adv"] > 0 and "d_loss" in done
     expected = done["mse"] + cfg.pixel_weight * (1 - done["hp"]) + 0.3 * done["g_adv"]
     assert losses[-1] == pytest.approx(expected, rel=1e-3)
-    assert "--denoiser-adv-weight 0.3" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert "--denoiser-adv-weight 0.3 --denoiser-disc-backbone trained" in card and "a trained copy of the UNet" in card
     with pytest.raises(ValueError, match="adversarial weight must be >= 0"):
         Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), adv_weight=-0.1))
+    with pytest.raises(ValueError, match="disc_backbone must be 'frozen' or 'trained'"):
+        Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run3"), disc_backbone="thawed"))
 
 
-def test_the_unet_feature_discriminator_learns_with_its_heads_only():
-    """The OSDiff discriminator: a frozen copy of the UNet's encoder and middle block, one trainable head per
-    level (four maps for the tiny UNet, so chance is 8 ln 2 for its loss). On noised latents it can tell apart
-    (real: structured, fake: flat), its heads alone learn to beat chance, and the denoiser is left untouched."""
+@pytest.mark.parametrize("train_backbone", [False, True])
+def test_the_unet_feature_discriminator_learns_and_leaves_the_denoiser_alone(train_backbone):
+    """The OSDiff discriminator: a copy of the UNet's encoder and middle block (frozen, or trained with the
+    heads), one trainable head per level (four maps for the tiny UNet, so chance is 8 ln 2 for its loss). On
+    noised latents it can tell apart (real: structured, fake: flat) it learns to beat chance, and the denoiser
+    is left untouched."""
     from diffo.models.diffo.discriminator import UNetFeatureDiscriminator, discriminator_loss
 
     torch.manual_seed(0)
     den = DiffoCodec.from_preset("tiny").denoiser
     before = {k: v.clone() for k, v in den.state_dict().items()}
-    disc = UNetFeatureDiscriminator(den)
-    assert {n.split(".")[0] for n, p in disc.named_parameters() if p.requires_grad} == {"heads"}
-    opt = torch.optim.AdamW(disc.heads.parameters(), lr=2e-3, betas=(0.5, 0.999))
+    disc = UNetFeatureDiscriminator(den, train_backbone=train_backbone)
+    trainable = {n.split(".")[0] for n, p in disc.named_parameters() if p.requires_grad}
+    assert trainable == ({"heads", "backbone"} if train_backbone else {"heads"})
+    opt = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=2e-3, betas=(0.5, 0.999))
     losses = []
     for _ in range(40):
         z = torch.randn(4, 4, 16, 16) * 1.5

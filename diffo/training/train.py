@@ -77,6 +77,7 @@ class TrainConfig:
     base_only_prob: float = 0.25
     adv_weight: float = 1e-2
     adv_start: float = 0.4  # fraction of the denoiser stage before the discriminator joins
+    disc_backbone: str = "frozen"  # the UNet-feature discriminator's copy of the UNet: "frozen" or "trained"
     random_strength_prob: float = 0.5  # denoiser batches at a random strength (the map is tuned afterwards)
     lr_floor: float = 0.1  # cosine decay over the stage (by steps or minutes, whichever is further) to this
     tune_crop: int = 256
@@ -120,8 +121,8 @@ class TrainConfig:
                      f"{self.lambda_max:g} at 1, geometric) + VQ codebook + 0.25·commitment, base code alone in "
                      f"{self.base_only_prob:.0%} of batches, dead codes restarted",
             "denoiser": f"control module + UNet: latent MSE + {self.pixel_weight:g}·(1 − HaarPSI) of decoded crops + "
-                        f"{self.adv_weight:g}·adversarial loss of a discriminator on a frozen copy of the "
-                        f"UNet's encoder and middle-block features (from {self.adv_start:.0%} of the stage), strength from the noise map or, in "
+                        f"{self.adv_weight:g}·adversarial loss of a discriminator on a {self.disc_backbone} copy of "
+                        f"the UNet's encoder and middle-block features (from {self.adv_start:.0%} of the stage), strength from the noise map or, in "
                         f"{self.random_strength_prob:.0%} of batches, uniform in [0, {max(noise_tuning.STRENGTHS):g}]",
             "decoder": f"fast decoder: L1 + MSE against the photos from the frozen VAE encoder's latents{dec_adv}",
             "realism": f"realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded crops against the real crops "
@@ -163,6 +164,8 @@ class Trainer:
                              f"realism_adv_schedule 'flat' or 'strength' (got {cfg.realism_adv_schedule!r})")
         if cfg.adv_weight < 0:
             raise ValueError(f"the denoiser's adversarial weight must be >= 0 (got {cfg.adv_weight!r})")
+        if cfg.disc_backbone not in ("frozen", "trained"):
+            raise ValueError(f"disc_backbone must be 'frozen' or 'trained' (got {cfg.disc_backbone!r})")
         if cfg.decoder_adv_weight < 0 or (cfg.decoder_adv_weight and cfg.mixed_precision == "fp16"):
             # fp16 without loss scaling can underflow the adversarial gradient that sets the adaptive weight
             raise ValueError(f"decoder_adv_weight must be >= 0 (got {cfg.decoder_adv_weight!r}) and needs "
@@ -476,10 +479,11 @@ class Trainer:
 
         def ensure_disc():
             if self.disc is None:
-                self.disc = UNetFeatureDiscriminator(den)
+                self.disc = UNetFeatureDiscriminator(den, train_backbone=cfg.disc_backbone == "trained")
                 ckpt.load_module(self.ckdir, "disc", self.disc)
                 nonlocal disc_opt
-                disc_opt = torch.optim.AdamW(self.disc.heads.parameters(), lr=cfg.lr["denoiser"], betas=(0.5, 0.999))
+                disc_opt = torch.optim.AdamW([p for p in self.disc.parameters() if p.requires_grad],
+                                             lr=cfg.lr["denoiser"], betas=(0.5, 0.999))
                 ckpt.load_optimizer(self.ckdir, "disc", disc_opt)
             return self.disc
 
@@ -668,7 +672,8 @@ class Trainer:
                 f"--realism-l1-weight {c.realism_l1_weight:g} --realism-fm-weight {c.realism_fm_weight:g} "
                 f"--realism-real {c.realism_real} "
                 f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g} "
-                f"--decoder-fm-weight {c.decoder_fm_weight:g} --denoiser-adv-weight {c.adv_weight:g}"
+                f"--decoder-fm-weight {c.decoder_fm_weight:g} --denoiser-adv-weight {c.adv_weight:g} "
+                f"--denoiser-disc-backbone {c.disc_backbone}"
                 + (f" --latent-channels {c.latent_channels}" if c.latent_channels is not None else "")
                 + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 

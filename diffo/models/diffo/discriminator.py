@@ -1,7 +1,8 @@
 """Discriminator in the UNet's feature space (OSDiff), used by training only.
 
-A frozen copy of the denoising UNet's encoder and middle block extracts features of noised latents
-(real, or decoded by the codec) at random timesteps; small trainable heads score every level. Nothing
+A copy of the denoising UNet's encoder and middle block (frozen, or trained with the heads) extracts
+features of noised latents (real, or decoded by the codec) at random timesteps; small trainable heads score
+every level. Nothing
 of it is shipped with a model: it costs nothing at inference.
 """
 
@@ -18,9 +19,12 @@ from .denoiser import OneStepDenoiser
 
 
 class UNetFeatureDiscriminator(nn.Module):
-    def __init__(self, denoiser: OneStepDenoiser, head_channels: int = 64):
+    def __init__(self, denoiser: OneStepDenoiser, head_channels: int = 64, train_backbone: bool = False):
         super().__init__()
-        self.backbone = copy.deepcopy(denoiser.unet).requires_grad_(False).eval()
+        # Frozen, as OSDiff's, when the UNet's features are rich (SD's); a tiny UNet's frozen features barely
+        # separate real from fake latents, so there the copy may train with the heads (still apart from the
+        # denoiser: the generator's own UNet is never touched by the discriminator's step).
+        self.backbone = copy.deepcopy(denoiser.unet).requires_grad_(train_backbone).eval()
         self.backbone.up_blocks = None  # the decoder half is never used
         self.backbone.conv_out = None
         self._denoiser = [denoiser]  # not a submodule: only its prompt and feature walk are borrowed
