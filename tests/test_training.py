@@ -493,8 +493,8 @@ def test_the_denoisers_adversarial_weight_is_an_option_the_loss_and_the_card_car
 def test_the_unet_feature_discriminator_learns_and_leaves_the_denoiser_alone(train_backbone):
     """The OSDiff discriminator: a copy of the UNet's encoder and middle block (frozen, or trained with the
     heads), one trainable head per level (four maps for the tiny UNet, so chance is 8 ln 2 for its loss). On
-    noised latents it can tell apart (real: structured, fake: flat) it learns to beat chance, and the denoiser
-    is left untouched."""
+    noised latents that differ plainly (real: structured, fake: flat) it learns to beat chance, and the
+    denoiser is left untouched."""
     from diffo.models.diffo.discriminator import UNetFeatureDiscriminator, discriminator_loss
 
     torch.manual_seed(0)

@@ -122,8 +122,8 @@ class TrainConfig:
                      f"{self.base_only_prob:.0%} of batches, dead codes restarted",
             "denoiser": f"control module + UNet: latent MSE + {self.pixel_weight:g}·(1 − HaarPSI) of decoded crops + "
                         f"{self.adv_weight:g}·adversarial loss of a discriminator on a {self.disc_backbone} copy of "
-                        f"the UNet's encoder and middle-block features (from {self.adv_start:.0%} of the stage), strength from the noise map or, in "
-                        f"{self.random_strength_prob:.0%} of batches, uniform in [0, {max(noise_tuning.STRENGTHS):g}]",
+                        f"the UNet's encoder and middle-block features (from {self.adv_start:.0%} of the stage), "
+                        f"strength from the noise map or, in {self.random_strength_prob:.0%} of batches, uniform in [0, {max(noise_tuning.STRENGTHS):g}]",
             "decoder": f"fast decoder: L1 + MSE against the photos from the frozen VAE encoder's latents{dec_adv}",
             "realism": f"realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded crops against the real crops "
                        f"+ {self.realism_adv_weight:g}{scale}·pixel patch discriminator (non-saturating; real crops: "

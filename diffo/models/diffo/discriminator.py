@@ -2,8 +2,7 @@
 
 A copy of the denoising UNet's encoder and middle block (frozen, or trained with the heads) extracts
 features of noised latents (real, or decoded by the codec) at random timesteps; small trainable heads score
-every level. Nothing
-of it is shipped with a model: it costs nothing at inference.
+every level. Nothing of it is shipped with a model: it costs nothing at inference.
 """
 
 from __future__ import annotations
