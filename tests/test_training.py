@@ -466,23 +466,40 @@ def test_a_wider_latent_is_warm_started_and_every_stage_trains_again(data_dir, t
     assert fresh.model.latent_channels == 8 and fresh.model.denoiser.unet.config.in_channels == 8
 
 
-def test_the_denoisers_adversarial_weight_is_an_option_the_loss_and_the_card_carry(data_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backbone", ["frozen", "trained"])
+def test_the_denoisers_adversarial_weight_is_an_option_the_loss_and_the_card_carry(data_dir, tmp_path, monkeypatch,
+                                                                                 backbone):
     """`--denoiser-adv-weight W`: the denoiser's loss is latent MSE + the HaarPSI term + W x the UNet-feature
-    discriminator's generator loss; the card's command records W; a negative W is refused."""
+    discriminator's generator loss; the card's command records W; a negative W is refused.
+    `--denoiser-disc-backbone`: the discriminator's copy of the UNet stays as it was copied, or trains."""
+    from diffo.models.diffo.discriminator import UNetFeatureDiscriminator
+
+    made = []
+
+    class RecordedDiscriminator(UNetFeatureDiscriminator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(train_mod, "UNetFeatureDiscriminator", RecordedDiscriminator)
     init = DiffoCodec.from_preset("tiny")
     init.update()
     init.save_pretrained(tmp_path / "init")
     cfg = _cfg(data_dir, tmp_path / "run")
     cfg.init, cfg.stages, cfg.adv_weight, cfg.adv_start = str(tmp_path / "init"), ["latents", "denoiser"], 0.3, 0.0
-    cfg.disc_backbone = "trained"
+    cfg.disc_backbone = backbone
     losses = _spy_backward(monkeypatch)
     folder = train_mod.train(cfg)
     done = _stage_done(tmp_path / "run", "denoiser")
     assert done["g_adv"] > 0 and "d_loss" in done
     expected = done["mse"] + cfg.pixel_weight * (1 - done["hp"]) + 0.3 * done["g_adv"]
     assert losses[-1] == pytest.approx(expected, rel=1e-3)
+    # copied from the model before its first update (adv_start 0); the denoiser's own UNet is never its backbone
+    copied = torch.equal(made[0].backbone.conv_in.weight, init.denoiser.unet.conv_in.weight)
+    assert len(made) == 1 and copied == (backbone == "frozen")
     card = (folder / "README.md").read_text()
-    assert "--denoiser-adv-weight 0.3 --denoiser-disc-backbone trained" in card and "a trained copy of the UNet" in card
+    assert f"--denoiser-adv-weight 0.3 --denoiser-disc-backbone {backbone}" in card
+    assert f"a {backbone} copy of the UNet" in card
     with pytest.raises(ValueError, match="adversarial weight must be >= 0"):
         Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), adv_weight=-0.1))
     with pytest.raises(ValueError, match="disc_backbone must be 'frozen' or 'trained'"):
