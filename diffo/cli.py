@@ -328,7 +328,8 @@ def cmd_train(args) -> int:
                       stages=args.stages.split(",") if args.stages else None, noise_criterion=args.noise_criterion,
                       lambda_max=args.lambda_max, realism_adv_weight=args.realism_adv_weight,
                       realism_l1_weight=args.realism_l1_weight, realism_fm_weight=args.realism_fm_weight,
-                      realism_real=args.realism_real,
+                      realism_real=args.realism_real, realism_mse_weight=args.realism_mse_weight,
+                      realism_adv_adaptive=args.realism_adv_adaptive,
                       realism_adv_schedule=args.realism_adv_schedule, decoder_adv_weight=args.decoder_adv_weight,
                       decoder_fm_weight=args.decoder_fm_weight,
                       latent_channels=args.latent_channels, adv_weight=args.denoiser_adv_weight,
@@ -507,6 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--realism-fm-weight", type=float, default=0.0,
                    help="realism stage: weight of feature matching, the L1 between the patch discriminator's "
                         "activations on the decoded and the real crops (on the adversarial weight's schedule)")
+    t.add_argument("--realism-mse-weight", type=float, default=1.0,
+                   help="realism stage: weight of the step's latent MSE against the true latent (lower: less pull "
+                        "to the conditional mean)")
+    t.add_argument("--realism-adv-adaptive", action="store_true",
+                   help="realism stage: scale the adversarial weight by VQGAN's adaptive weight (its gradient at the "
+                        "step's output matched to the MSE and L1 terms'), as --decoder-adv-weight does")
     t.add_argument("--realism-real", choices=["decoded", "photo"], default="decoded",
                    help="realism stage: the discriminator's real crops are the decoded true latents, or the photos "
                         "themselves (encoded on the fly; judged against real texture)")

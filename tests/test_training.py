@@ -288,6 +288,37 @@ def test_realism_stage_feature_matching_follows_the_adversarial_schedule(data_di
         Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), realism_fm_weight=-1.0))
 
 
+def test_realism_stage_can_weigh_the_latent_mse_and_adapt_the_adversarial_weight(data_dir, tmp_path, monkeypatch):
+    """`--realism-mse-weight W --realism-adv-adaptive`: the one step's loss is W·MSE + L1 + a·g_adv + fm, where a is
+    the adversarial weight times the ratio of the reconstruction terms' gradient norm at the step's output to the
+    adversarial term's (logged as `w`); both reach the card, and impossible settings are refused by name."""
+    cfg = _photo_realism_cfg(data_dir, tmp_path)
+    cfg.realism_mse_weight, cfg.realism_adv_adaptive, cfg.realism_adv_weight = 0.1, True, 0.5
+    cfg.realism_fm_weight = 2.0
+    grads = []
+    real_adaptive = train_mod.adaptive_weight
+    monkeypatch.setattr(train_mod, "adaptive_weight", lambda rec, adv, last: grads.append(
+        (rec.item(), tuple(last.shape))) or real_adaptive(rec, adv, last))
+    folder, done, losses, _ = _train_spying_on_features(cfg, monkeypatch, "realism")
+    assert len(grads) == 2 and grads[-1][1] == (2, 4, 8, 8)  # at the step's output latent (batch, C, H, W)
+    assert grads[-1][0] == pytest.approx(0.1 * done["mse"] + done["l1"], rel=1e-4)
+    assert done["w"] > 0 and done["w"] != pytest.approx(0.5)  # the ratio, not the bare weight
+    assert losses[-1] == pytest.approx(0.1 * done["mse"] + done["l1"] + done["w"] * done["g_adv"] + 2.0 * done["fm"],
+                                       rel=1e-4)
+    card = (folder / "README.md").read_text()
+    assert "--realism-mse-weight 0.1 --realism-adv-adaptive" in card
+    assert "0.1·latent MSE" in card and "0.5·adaptive weight·pixel patch discriminator" in card
+    assert "adaptive" not in TrainConfig().losses() and "--realism-adv-adaptive" not in Trainer.cfg_command(
+        type("T", (), {"cfg": TrainConfig()})())
+    for bad, name in (({"realism_mse_weight": -1.0}, "realism_mse_weight"),
+                      ({"realism_adv_adaptive": True, "mixed_precision": "fp16"}, "realism_adv_adaptive"),
+                      ({"realism_adv_adaptive": True, "realism_mse_weight": 0.0, "realism_l1_weight": 0.0},
+                       "realism_adv_adaptive")):
+        with pytest.raises(ValueError, match=name):
+            Trainer(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), **bad))
+    assert not (tmp_path / "run2").exists()
+
+
 def test_stages_are_checked(tmp_path):
     cfg = TrainConfig(data=[str(tmp_path)], stages=["decoder", "realism"], init=str(tmp_path))
     with pytest.raises(ValueError, match="latent cache"):

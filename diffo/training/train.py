@@ -92,6 +92,10 @@ class TrainConfig:
     decoder_fm_weight: float = 0.0  # ... plus this times the L1 between its activations on the decoded and real crops
     realism_adv_weight: float = 0.1  # pixel patch discriminator (non-saturating loss) in the realism stage
     realism_l1_weight: float = 1.0  # L1 of decoded crops against the real crops (see realism_real)
+    realism_mse_weight: float = 1.0  # latent MSE of the step's output against the true latent (the pull to the
+    # conditional mean: lower leaves the adversarial terms more room)
+    realism_adv_adaptive: bool = False  # the adversarial weight times VQGAN's adaptive weight (its gradient at the
+    # step's output matched to the reconstruction terms'), as the fast decoder's stage does
     realism_fm_weight: float = 0.0  # feature matching: L1 between the patch discriminator's activations on the
     # decoded and the real crops (on the adversarial term's schedule)
     realism_crop: int = 16  # decoded crops of this many latent pixels (of latent_crop) ...
@@ -125,13 +129,20 @@ class TrainConfig:
                         f"the UNet's encoder and middle-block features (from {self.adv_start:.0%} of the stage), "
                         f"strength from the noise map or, in {self.random_strength_prob:.0%} of batches, uniform in [0, {max(noise_tuning.STRENGTHS):g}]",
             "decoder": f"fast decoder: L1 + MSE against the photos from the frozen VAE encoder's latents{dec_adv}",
-            "realism": f"realism: latent MSE + {self.realism_l1_weight:g}·L1 of decoded crops against the real crops "
-                       f"+ {self.realism_adv_weight:g}{scale}·pixel patch discriminator (non-saturating; real crops: "
-                       f"{real})" + (f" + {self.realism_fm_weight:g}{scale}·feature matching (L1 between its "
+            "realism": f"realism: {self._weight(self.realism_mse_weight)}latent MSE + {self.realism_l1_weight:g}·L1 of "
+                       f"decoded crops against the real crops + {self.realism_adv_weight:g}{scale}"
+                       f"{'·adaptive weight' if self.realism_adv_adaptive else ''}·pixel patch discriminator "
+                       f"(non-saturating; real crops: {real}"
+                       + ("; the adaptive weight matches its gradient at the step's output to the reconstruction "
+                          "terms'" if self.realism_adv_adaptive else "") + ")" + (f" + {self.realism_fm_weight:g}{scale}·feature matching (L1 between its "
                                      f"activations on the decoded and the real crops)" if self.realism_fm_weight else "")
                        + f", strength uniform in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]",
         }
         return "; ".join(v for k, v in parts.items() if stages is None or k in stages)
+
+    @staticmethod
+    def _weight(w: float) -> str:
+        return "" if w == 1 else f"{w:g}·"
 
 
 def _lambda(cfg: TrainConfig, rate_q: int) -> float:
@@ -176,6 +187,14 @@ class Trainer:
                              f"{cfg.decoder_fm_weight!r} and {cfg.decoder_adv_weight!r})")
         if cfg.realism_fm_weight < 0:
             raise ValueError(f"realism_fm_weight must be >= 0 (got {cfg.realism_fm_weight!r})")
+        if cfg.realism_mse_weight < 0 or cfg.realism_l1_weight < 0:
+            raise ValueError(f"realism_mse_weight and realism_l1_weight must be >= 0 (got {cfg.realism_mse_weight!r} "
+                             f"and {cfg.realism_l1_weight!r})")
+        if cfg.realism_adv_adaptive and (cfg.mixed_precision == "fp16"
+                                         or not (cfg.realism_mse_weight or cfg.realism_l1_weight)):
+            # the adaptive weight is a ratio to the reconstruction terms' gradient (and fp16 may underflow it)
+            raise ValueError(f"realism_adv_adaptive needs a reconstruction term (realism_mse_weight or "
+                             f"realism_l1_weight > 0) and --mixed-precision bf16 or no (got {cfg.mixed_precision!r})")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.ckdir = self.out / "checkpoint"
@@ -591,8 +610,12 @@ class Trainer:
                 g_adv, fm = patch_generator_terms(disc, fake, real, feature_matching=cfg.realism_fm_weight > 0)
             l1 = F.l1_loss(fake, real)
             scale = strength / hi if cfg.realism_adv_schedule == "strength" else 1.0
-            loss = mse + cfg.realism_l1_weight * l1 + cfg.realism_adv_weight * scale * g_adv
-            stats = {}
+            loss = cfg.realism_mse_weight * mse + cfg.realism_l1_weight * l1
+            weight, stats = cfg.realism_adv_weight * scale, {}
+            if cfg.realism_adv_adaptive:  # at the step's output (the last tensor every config trains towards)
+                weight = weight * adaptive_weight(loss, g_adv, x0)
+                stats["w"] = float(weight)
+            loss = loss + weight * g_adv
             if fm is not None:  # on the adversarial term's schedule: both pull away from the blurry mean
                 loss = loss + cfg.realism_fm_weight * scale * fm
                 stats["fm"] = fm.item()
@@ -670,6 +693,8 @@ class Trainer:
                 f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
                 f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
                 f"--realism-l1-weight {c.realism_l1_weight:g} --realism-fm-weight {c.realism_fm_weight:g} "
+                f"--realism-mse-weight {c.realism_mse_weight:g} "
+                + ("--realism-adv-adaptive " if c.realism_adv_adaptive else "") +
                 f"--realism-real {c.realism_real} "
                 f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g} "
                 f"--decoder-fm-weight {c.decoder_fm_weight:g} --denoiser-adv-weight {c.adv_weight:g} "
