@@ -119,6 +119,11 @@ class TrainConfig:
                    + (f" + {self.decoder_fm_weight:g}·feature matching (L1 between its activations on the decoded "
                       f"and the real crops)" if self.decoder_fm_weight else "")
                    if self.decoder_adv_weight else "")
+        adaptive = "·adaptive weight" if self.realism_adv_adaptive else ""
+        adaptive_why = ("; the adaptive weight matches its gradient at the step's output to the reconstruction terms'"
+                        if self.realism_adv_adaptive else "")
+        fm = (f" + {self.realism_fm_weight:g}{scale}·feature matching (L1 between its activations on the decoded and "
+              f"the real crops)" if self.realism_fm_weight else "")
         parts = {
             "vae": "VAE L1 + MSE + 1e-4·KL",
             "codec": f"latent codec bits per pixel + λ·MSE (λ {self.lambda_min:g} at rate level 0 to "
@@ -129,14 +134,10 @@ class TrainConfig:
                         f"the UNet's encoder and middle-block features (from {self.adv_start:.0%} of the stage), "
                         f"strength from the noise map or, in {self.random_strength_prob:.0%} of batches, uniform in [0, {max(noise_tuning.STRENGTHS):g}]",
             "decoder": f"fast decoder: L1 + MSE against the photos from the frozen VAE encoder's latents{dec_adv}",
-            "realism": f"realism: {self._weight(self.realism_mse_weight)}latent MSE + {self.realism_l1_weight:g}·L1 of "
-                       f"decoded crops against the real crops + {self.realism_adv_weight:g}{scale}"
-                       f"{'·adaptive weight' if self.realism_adv_adaptive else ''}·pixel patch discriminator "
-                       f"(non-saturating; real crops: {real}"
-                       + ("; the adaptive weight matches its gradient at the step's output to the reconstruction "
-                          "terms'" if self.realism_adv_adaptive else "") + ")" + (f" + {self.realism_fm_weight:g}{scale}·feature matching (L1 between its "
-                                     f"activations on the decoded and the real crops)" if self.realism_fm_weight else "")
-                       + f", strength uniform in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]",
+            "realism": f"realism: {self._weight(self.realism_mse_weight)}latent MSE + {self.realism_l1_weight:g}·L1 "
+                       f"of decoded crops against the real crops + {self.realism_adv_weight:g}{scale}{adaptive}·pixel "
+                       f"patch discriminator (non-saturating; real crops: {real}{adaptive_why}){fm}, strength uniform "
+                       f"in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]",
         }
         return "; ".join(v for k, v in parts.items() if stages is None or k in stages)
 
