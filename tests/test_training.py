@@ -308,8 +308,7 @@ def test_realism_stage_can_weigh_the_latent_mse_and_adapt_the_adversarial_weight
     card = (folder / "README.md").read_text()
     assert "--realism-mse-weight 0.1 --realism-adv-adaptive" in card
     assert "0.1·latent MSE" in card and "0.5·adaptive weight·pixel patch discriminator" in card
-    assert "adaptive" not in TrainConfig().losses() and "--realism-adv-adaptive" not in Trainer.cfg_command(
-        type("T", (), {"cfg": TrainConfig()})())
+    assert "adaptive" not in TrainConfig().losses() and "--realism-adv-adaptive" not in TrainConfig().command()
     for bad, name in (({"realism_mse_weight": -1.0}, "realism_mse_weight"),
                       ({"realism_adv_adaptive": True, "mixed_precision": "fp16"}, "realism_adv_adaptive"),
                       ({"realism_adv_adaptive": True, "realism_mse_weight": 0.0, "realism_l1_weight": 0.0},

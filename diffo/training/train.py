@@ -109,6 +109,26 @@ class TrainConfig:
     checkpoint_minutes: float = 3.0
     seed: int = 0
 
+    def command(self) -> str:
+        """The `python -m diffo train` command line that reproduces this configuration (for the model card)."""
+        c = self
+        init = f"--init {c.init} " if c.init else ""
+        return (f"python -m diffo train --config {c.config} {init}--mixed-precision {c.mixed_precision} "
+                f"--data {' '.join(map(str, c.data))} --out {c.out} "
+                f"--minutes-vae {c.minutes['vae']} --minutes-codec {c.minutes['codec']} "
+                f"--minutes-denoiser {c.minutes['denoiser']} --minutes-decoder {c.minutes['decoder']} "
+                f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
+                f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
+                f"--realism-l1-weight {c.realism_l1_weight:g} --realism-fm-weight {c.realism_fm_weight:g} "
+                f"--realism-mse-weight {c.realism_mse_weight:g} "
+                + ("--realism-adv-adaptive " if c.realism_adv_adaptive else "") +
+                f"--realism-real {c.realism_real} "
+                f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g} "
+                f"--decoder-fm-weight {c.decoder_fm_weight:g} --denoiser-adv-weight {c.adv_weight:g} "
+                f"--denoiser-disc-backbone {c.disc_backbone}"
+                + (f" --latent-channels {c.latent_channels}" if c.latent_channels is not None else "")
+                + (f" --stages {','.join(c.stages)}" if c.stages else ""))
+
     def losses(self, stages=None) -> str:
         """The objectives of the given training stages (default: all) with this configuration's weights, for the
         model card, which names only the stages its run trained."""
@@ -119,6 +139,7 @@ class TrainConfig:
                    + (f" + {self.decoder_fm_weight:g}·feature matching (L1 between its activations on the decoded "
                       f"and the real crops)" if self.decoder_fm_weight else "")
                    if self.decoder_adv_weight else "")
+        mse = "" if self.realism_mse_weight == 1 else f"{self.realism_mse_weight:g}·"
         adaptive = "·adaptive weight" if self.realism_adv_adaptive else ""
         adaptive_why = ("; the adaptive weight matches its gradient at the step's output to the reconstruction terms'"
                         if self.realism_adv_adaptive else "")
@@ -132,18 +153,15 @@ class TrainConfig:
             "denoiser": f"control module + UNet: latent MSE + {self.pixel_weight:g}·(1 − HaarPSI) of decoded crops + "
                         f"{self.adv_weight:g}·adversarial loss of a discriminator on a {self.disc_backbone} copy of "
                         f"the UNet's encoder and middle-block features (from {self.adv_start:.0%} of the stage), "
-                        f"strength from the noise map or, in {self.random_strength_prob:.0%} of batches, uniform in [0, {max(noise_tuning.STRENGTHS):g}]",
+                        f"strength from the noise map or, in {self.random_strength_prob:.0%} of batches, uniform in "
+                        f"[0, {max(noise_tuning.STRENGTHS):g}]",
             "decoder": f"fast decoder: L1 + MSE against the photos from the frozen VAE encoder's latents{dec_adv}",
-            "realism": f"realism: {self._weight(self.realism_mse_weight)}latent MSE + {self.realism_l1_weight:g}·L1 "
+            "realism": f"realism: {mse}latent MSE + {self.realism_l1_weight:g}·L1 "
                        f"of decoded crops against the real crops + {self.realism_adv_weight:g}{scale}{adaptive}·pixel "
                        f"patch discriminator (non-saturating; real crops: {real}{adaptive_why}){fm}, strength uniform "
                        f"in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]",
         }
         return "; ".join(v for k, v in parts.items() if stages is None or k in stages)
-
-    @staticmethod
-    def _weight(w: float) -> str:
-        return "" if w == 1 else f"{w:g}·"
 
 
 def _lambda(cfg: TrainConfig, rate_q: int) -> float:
@@ -661,7 +679,7 @@ class Trainer:
         from .model_card import finalize
 
         self.model.cpu()
-        info = {"command": self.cfg_command(), "data": ", ".join(map(str, self.cfg.data)),
+        info = {"command": self.cfg.command(), "data": ", ".join(map(str, self.cfg.data)),
                 "stages": {k: {"steps": v} for k, v in self.progress.get("steps_done", {}).items()},
                 "seconds": self.progress["seconds"], "hardware": _hardware(), "init": self.cfg.init,
                 "losses": self.cfg.losses(stages=self.progress.get("steps_done", {})),
@@ -683,25 +701,6 @@ class Trainer:
         if self.cfg.init:
             return "kept from the model this run started from (this run did not tune it)"
         return "the preset's default (this run did not tune it)"
-
-    def cfg_command(self) -> str:
-        c = self.cfg
-        init = f"--init {c.init} " if c.init else ""
-        return (f"python -m diffo train --config {c.config} {init}--mixed-precision {c.mixed_precision} "
-                f"--data {' '.join(map(str, c.data))} --out {c.out} "
-                f"--minutes-vae {c.minutes['vae']} --minutes-codec {c.minutes['codec']} "
-                f"--minutes-denoiser {c.minutes['denoiser']} --minutes-decoder {c.minutes['decoder']} "
-                f"--minutes-realism {c.minutes['realism']} --noise-criterion {c.noise_criterion} "
-                f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
-                f"--realism-l1-weight {c.realism_l1_weight:g} --realism-fm-weight {c.realism_fm_weight:g} "
-                f"--realism-mse-weight {c.realism_mse_weight:g} "
-                + ("--realism-adv-adaptive " if c.realism_adv_adaptive else "") +
-                f"--realism-real {c.realism_real} "
-                f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g} "
-                f"--decoder-fm-weight {c.decoder_fm_weight:g} --denoiser-adv-weight {c.adv_weight:g} "
-                f"--denoiser-disc-backbone {c.disc_backbone}"
-                + (f" --latent-channels {c.latent_channels}" if c.latent_channels is not None else "")
-                + (f" --stages {','.join(c.stages)}" if c.stages else ""))
 
     def run(self) -> Path:
         while True:
