@@ -213,7 +213,8 @@ class Trainer:
                                          or not (cfg.realism_mse_weight or cfg.realism_l1_weight)):
             # the adaptive weight is a ratio to the reconstruction terms' gradient (and fp16 may underflow it)
             raise ValueError(f"realism_adv_adaptive needs a reconstruction term (realism_mse_weight or "
-                             f"realism_l1_weight > 0) and --mixed-precision bf16 or no (got {cfg.mixed_precision!r})")
+                             f"realism_l1_weight > 0) and --mixed-precision bf16 or no (got {cfg.realism_mse_weight!r}, "
+                             f"{cfg.realism_l1_weight!r} and {cfg.mixed_precision!r})")
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.ckdir = self.out / "checkpoint"
@@ -719,7 +720,8 @@ def _hardware() -> str:
 
 
 def train(cfg: TrainConfig) -> Path:
+    trainer = Trainer(cfg)  # refuses a bad configuration before anything is written
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    return Trainer(cfg).run()
+    return trainer.run()
