@@ -329,7 +329,7 @@ def cmd_train(args) -> int:
                       lambda_max=args.lambda_max, realism_adv_weight=args.realism_adv_weight,
                       realism_l1_weight=args.realism_l1_weight, realism_fm_weight=args.realism_fm_weight,
                       realism_real=args.realism_real, realism_mse_weight=args.realism_mse_weight,
-                      realism_adv_adaptive=args.realism_adv_adaptive,
+                      realism_adv_adaptive=args.realism_adv_adaptive, realism_train_decoder=args.realism_train_decoder,
                       realism_adv_schedule=args.realism_adv_schedule, decoder_adv_weight=args.decoder_adv_weight,
                       decoder_fm_weight=args.decoder_fm_weight,
                       latent_channels=args.latent_channels, adv_weight=args.denoiser_adv_weight,
@@ -514,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--realism-adv-adaptive", action="store_true",
                    help="realism stage: scale the adversarial weight by VQGAN's adaptive weight (its gradient at the "
                         "step's output matched to the MSE and L1 terms'), as --decoder-adv-weight does")
+    t.add_argument("--realism-train-decoder", action="store_true",
+                   help="realism stage: train the fast decoder with the step (needs --realism-real photo); its decode "
+                        "of the true latent keeps the decoder stage's L1 + MSE and is judged too")
     t.add_argument("--realism-real", choices=["decoded", "photo"], default="decoded",
                    help="realism stage: the discriminator's real crops are the decoded true latents, or the photos "
                         "themselves (encoded on the fly; judged against real texture)")

@@ -318,6 +318,54 @@ def test_realism_stage_can_weigh_the_latent_mse_and_adapt_the_adversarial_weight
     assert not (tmp_path / "run2").exists()
 
 
+def test_realism_stage_can_train_the_fast_decoder_with_the_step(data_dir, tmp_path, monkeypatch):
+    """`--realism-train-decoder`: the generator is the step and the fast decoder; the decoder's decode of the true
+    latent adds L1 + MSE against the photos and is judged by the discriminator too (its generator term is added to
+    the step's); the adaptive weight is taken at the decoder's last layer; without the option the decoder stays as
+    it was; settings it cannot work with are refused by name, with nothing written."""
+    from diffo.models.diffo.discriminator import PatchDiscriminator
+
+    cfg = _photo_realism_cfg(data_dir, tmp_path)
+    cfg.realism_train_decoder, cfg.realism_adv_adaptive, cfg.realism_mse_weight = True, True, 0.1
+    cfg.realism_fm_weight = 2.0
+    lasts, judged = [], []
+    real_adaptive, real_forward = train_mod.adaptive_weight, PatchDiscriminator.forward
+    monkeypatch.setattr(train_mod, "adaptive_weight", lambda rec, adv, last: lasts.append(tuple(last.shape))
+                        or real_adaptive(rec, adv, last))
+    monkeypatch.setattr(PatchDiscriminator, "forward", lambda self, img: judged.append(tuple(img.shape))
+                        or real_forward(self, img))
+    losses = _spy_backward(monkeypatch)
+    folder = train_mod.train(cfg)
+    done = _stage_done(Path(cfg.out), "realism")
+    init = DiffoCodec.from_pretrained(tmp_path / "init")
+    dec_last = [m for m in init.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight
+    assert lasts == [tuple(dec_last.shape)] * 2  # the decoder's last layer, not the step's output latent
+    assert judged[-1] == (4, 3, 64, 64)  # the discriminator's update: the step's decode and the plain one
+    assert done["anchor"] > 0 and done["g_plain"] > 0 and done["g_adv"] > done["g_plain"]
+    assert losses[-1] == pytest.approx(0.1 * done["mse"] + done["l1"] + done["anchor"] + done["w"] * done["g_adv"]
+                                       + 2.0 * done["fm"], rel=1e-4)
+    trained = DiffoCodec.from_pretrained(folder)
+    stored = lambda m: [v.half().float() for v in m.decoder.state_dict().values()]  # noqa: E731  (saved as fp16)
+    assert any(not torch.equal(a, b) for a, b in zip(stored(init), stored(trained)))
+    card = (folder / "README.md").read_text()
+    assert "--realism-train-decoder" in card and "the fast decoder trained with the step" in card
+    assert "--realism-train-decoder" not in TrainConfig().command() and "decoder trained" not in TrainConfig().losses()
+
+    cfg.realism_train_decoder, cfg.out = False, str(tmp_path / "frozen")  # the option off: the decoder is not trained
+    frozen = DiffoCodec.from_pretrained(train_mod.train(cfg))
+    assert all(torch.equal(a, b) for a, b in zip(stored(init), stored(frozen)))
+
+    no_decoder = DiffoCodec.from_preset("tiny")
+    no_decoder.update()
+    no_decoder.save_pretrained(tmp_path / "no_decoder")
+    for bad in ({"realism_real": "decoded"}, {"init": str(tmp_path / "no_decoder")}):
+        with pytest.raises(ValueError, match="realism_train_decoder"):
+            train_mod.train(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), realism_train_decoder=True,
+                                        stages=["latents", "realism"],
+                                        **{"init": cfg.init, "realism_real": "photo", **bad}))
+    assert not (tmp_path / "run2").exists()
+
+
 def test_stages_are_checked(tmp_path):
     cfg = TrainConfig(data=[str(tmp_path)], stages=["decoder", "realism"], init=str(tmp_path))
     with pytest.raises(ValueError, match="latent cache"):

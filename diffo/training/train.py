@@ -106,6 +106,10 @@ class TrainConfig:
     realism_real: str = "decoded"  # the discriminator's real crops: the decoded true latent, or the photo itself
     # (photo: crops of realism_crop x 8 px encoded on the fly, so the step is judged against real texture, not
     # against the VAE's own smooth reconstruction)
+    realism_train_decoder: bool = False  # the fast decoder trains with the step (generator: step + decoder), so the
+    # two can learn texture the frozen decoder cannot render; its decode of the true latent keeps the decoder
+    # stage's recipe (L1 + MSE against the photos, judged by the same discriminator), so the plain decode the
+    # ablation uses is trained too, not left to drift. Needs realism_real "photo" and the fast decoder
     checkpoint_minutes: float = 3.0
     seed: int = 0
 
@@ -121,7 +125,8 @@ class TrainConfig:
                 f"--lambda-max {c.lambda_max:g} --realism-adv-weight {c.realism_adv_weight:g} "
                 f"--realism-l1-weight {c.realism_l1_weight:g} --realism-fm-weight {c.realism_fm_weight:g} "
                 f"--realism-mse-weight {c.realism_mse_weight:g} "
-                + ("--realism-adv-adaptive " if c.realism_adv_adaptive else "") +
+                + ("--realism-adv-adaptive " if c.realism_adv_adaptive else "")
+                + ("--realism-train-decoder " if c.realism_train_decoder else "") +
                 f"--realism-real {c.realism_real} "
                 f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g} "
                 f"--decoder-fm-weight {c.decoder_fm_weight:g} --denoiser-adv-weight {c.adv_weight:g} "
@@ -141,8 +146,12 @@ class TrainConfig:
                    if self.decoder_adv_weight else "")
         mse = "" if self.realism_mse_weight == 1 else f"{self.realism_mse_weight:g}·"
         adaptive = "·adaptive weight" if self.realism_adv_adaptive else ""
-        adaptive_why = ("; the adaptive weight matches its gradient at the step's output to the reconstruction terms'"
-                        if self.realism_adv_adaptive else "")
+        joint = self.realism_train_decoder
+        adaptive_why = (f"; the adaptive weight matches its gradient at the "
+                        f"{'decoder' if joint else 'step'}'s output{' layer' if joint else ''} to the reconstruction "
+                        f"terms'" if self.realism_adv_adaptive else "")
+        decoder_too = (" + the fast decoder trained with the step: L1 + MSE of its decode of the true latent against "
+                       "the photos, that decode judged by the same discriminator" if joint else "")
         fm = (f" + {self.realism_fm_weight:g}{scale}·feature matching (L1 between its activations on the decoded and "
               f"the real crops)" if self.realism_fm_weight else "")
         parts = {
@@ -158,7 +167,8 @@ class TrainConfig:
             "decoder": f"fast decoder: L1 + MSE against the photos from the frozen VAE encoder's latents{dec_adv}",
             "realism": f"realism: {mse}latent MSE + {self.realism_l1_weight:g}·L1 "
                        f"of decoded crops against the real crops + {self.realism_adv_weight:g}{scale}{adaptive}·pixel "
-                       f"patch discriminator (non-saturating; real crops: {real}{adaptive_why}){fm}, strength uniform "
+                       f"patch discriminator (non-saturating; real crops: {real}{adaptive_why}){fm}{decoder_too}, "
+                       f"strength uniform "
                        f"in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]",
         }
         return "; ".join(v for k, v in parts.items() if stages is None or k in stages)
@@ -251,6 +261,11 @@ class Trainer:
                              f"again (add {', '.join(missing)} to --stages)")
         if "decoder" in self.stages and self.model.decoder is None:
             self.model.add_fast_decoder()
+        if cfg.realism_train_decoder and (cfg.realism_real != "photo" or self.model.decoder is None):
+            # against the decoded true latent the decoder in training would make its own real crops
+            raise ValueError(f"realism_train_decoder needs --realism-real photo and a model with the fast decoder "
+                             f"(got {cfg.realism_real!r}; fast decoder: "
+                             f"{'yes' if self.model.decoder is not None else 'none'})")
         self.progress = {"stage": self.stages[0], "step": 0, "seconds": {},
                          "latent_channels": self.model.latent_channels}
         self.disc: UNetFeatureDiscriminator | None = None
@@ -580,16 +595,21 @@ class Trainer:
         """Denoiser against a pixel-space patch discriminator on decoded crops (real: the decoded true latent, or
         with `realism_real="photo"` the photo crop itself; fake: the decoded output), plus latent MSE and the
         decoded crops' L1 against the same real crops. For the 'sd' config the UNet stays
-        frozen (only the control module trains), as in the denoiser stage."""
+        frozen (only the control module trains), as in the denoiser stage. With `realism_train_decoder` the fast
+        decoder trains too, on both the step's output and the true latent (see TrainConfig)."""
         cfg = self.cfg
         sampler = photos = None  # latent crops from the cache, or photo crops encoded on the fly
         if cfg.realism_real == "photo":
             photos = CropSampler(self.train_files, 8 * cfg.realism_crop, seed=cfg.seed + 2 + self.progress["step"])
         else:
             sampler = self._latent_sampler()
-        den = self.model.denoiser
+        den, joint = self.model.denoiser, cfg.realism_train_decoder
         self.model.requires_grad_(False)
         gen_params = [p for n, p in den.named_parameters() if cfg.config != "sd" or not n.startswith("unet.")]
+        if joint:
+            gen_params += list(self.model.decoder.parameters())
+            # the generator's last layer, where the adaptive weight is taken (as in the decoder stage)
+            last = [m for m in self.model.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight
         for p_ in gen_params:
             p_.requires_grad_(True)
         if self.patch_disc is None:
@@ -625,15 +645,26 @@ class Trainer:
             crop8 = lambda t_: t_[:n, :, 8 * top:8 * (top + c), 8 * left:8 * (left + c)]  # noqa: E731  (pixels)
             with torch.no_grad():
                 real = decode(crop(z)) if photos is None else crop8(x)
+            fm_on = cfg.realism_fm_weight > 0
             with self.acc.autocast():
                 fake = decode(crop(x0)).float()
-                g_adv, fm = patch_generator_terms(disc, fake, real, feature_matching=cfg.realism_fm_weight > 0)
+                g_adv, fm = patch_generator_terms(disc, fake, real, feature_matching=fm_on)
+                if joint:  # the decoder stage's recipe on the true latent: the plain decode keeps being trained
+                    plain = decode(crop(z)).float()
+                    g_plain, fm_plain = patch_generator_terms(disc, plain, real, feature_matching=fm_on)
             l1 = F.l1_loss(fake, real)
             scale = strength / hi if cfg.realism_adv_schedule == "strength" else 1.0
             loss = cfg.realism_mse_weight * mse + cfg.realism_l1_weight * l1
-            weight, stats = cfg.realism_adv_weight * scale, {}
-            if cfg.realism_adv_adaptive:  # at the step's output (the last tensor every config trains towards)
-                weight = weight * adaptive_weight(loss, g_adv, x0)
+            stats = {}
+            if joint:
+                anchor = F.l1_loss(plain, real) + F.mse_loss(plain, real)
+                loss, g_adv = loss + anchor, g_adv + g_plain
+                fm = fm + fm_plain if fm_on else None
+                stats.update(anchor=anchor.item(), g_plain=g_plain.item())
+            weight = cfg.realism_adv_weight * scale
+            if cfg.realism_adv_adaptive:  # at the generator's last tensor: the decoder's last layer, or the
+                # step's output (the one tensor every config trains towards)
+                weight = weight * adaptive_weight(loss, g_adv, last if joint else x0)
                 stats["w"] = float(weight)
             loss = loss + weight * g_adv
             if fm is not None:  # on the adversarial term's schedule: both pull away from the blurry mean
@@ -643,8 +674,9 @@ class Trainer:
             self.acc.backward(loss)
             torch.nn.utils.clip_grad_norm_(gen_params, 1.0)
             opt.step()
+            fakes = torch.cat([fake, plain]) if joint else fake
             with self.acc.autocast():
-                d_real, d_fake = disc(real).float(), disc(fake.detach()).float()
+                d_real, d_fake = disc(real).float(), disc(fakes.detach()).float()
             d_loss = discriminator_loss(d_real, d_fake)
             disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
