@@ -513,10 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "to the conditional mean)")
     t.add_argument("--realism-adv-adaptive", action="store_true",
                    help="realism stage: scale the adversarial weight by VQGAN's adaptive weight (its gradient at the "
-                        "step's output matched to the MSE and L1 terms'), as --decoder-adv-weight does")
+                        "step's output, or at the fast decoder's last layer with --realism-train-decoder, matched "
+                        "to the reconstruction terms'), as --decoder-adv-weight does")
     t.add_argument("--realism-train-decoder", action="store_true",
-                   help="realism stage: train the fast decoder with the step (needs --realism-real photo); its decode "
-                        "of the true latent keeps the decoder stage's L1 + MSE and is judged too")
+                   help="realism stage: train the fast decoder with the step (needs --realism-real photo and the flat "
+                        "schedule); its decode of the true latent keeps the decoder stage's L1 + MSE and is judged too")
     t.add_argument("--realism-real", choices=["decoded", "photo"], default="decoded",
                    help="realism stage: the discriminator's real crops are the decoded true latents, or the photos "
                         "themselves (encoded on the fly; judged against real texture)")

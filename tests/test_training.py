@@ -358,7 +358,8 @@ def test_realism_stage_can_train_the_fast_decoder_with_the_step(data_dir, tmp_pa
     no_decoder = DiffoCodec.from_preset("tiny")
     no_decoder.update()
     no_decoder.save_pretrained(tmp_path / "no_decoder")
-    for bad in ({"realism_real": "decoded"}, {"init": str(tmp_path / "no_decoder")}):
+    for bad in ({"realism_real": "decoded"}, {"realism_adv_schedule": "strength"},
+                {"init": str(tmp_path / "no_decoder")}):
         with pytest.raises(ValueError, match="realism_train_decoder"):
             train_mod.train(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), realism_train_decoder=True,
                                         stages=["latents", "realism"],

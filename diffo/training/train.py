@@ -109,7 +109,8 @@ class TrainConfig:
     realism_train_decoder: bool = False  # the fast decoder trains with the step (generator: step + decoder), so the
     # two can learn texture the frozen decoder cannot render; its decode of the true latent keeps the decoder
     # stage's recipe (L1 + MSE against the photos, judged by the same discriminator), so the plain decode the
-    # ablation uses is trained too, not left to drift. Needs realism_real "photo" and the fast decoder
+    # ablation uses is trained too, not left to drift. Needs realism_real "photo", the flat schedule and the fast
+    # decoder
     checkpoint_minutes: float = 3.0
     seed: int = 0
 
@@ -261,11 +262,13 @@ class Trainer:
                              f"again (add {', '.join(missing)} to --stages)")
         if "decoder" in self.stages and self.model.decoder is None:
             self.model.add_fast_decoder()
-        if cfg.realism_train_decoder and (cfg.realism_real != "photo" or self.model.decoder is None):
-            # against the decoded true latent the decoder in training would make its own real crops
-            raise ValueError(f"realism_train_decoder needs --realism-real photo and a model with the fast decoder "
-                             f"(got {cfg.realism_real!r}; fast decoder: "
-                             f"{'yes' if self.model.decoder is not None else 'none'})")
+        if cfg.realism_train_decoder and (cfg.realism_real != "photo" or cfg.realism_adv_schedule != "flat"
+                                          or self.model.decoder is None):
+            # against the decoded true latent the decoder in training would make its own real crops; the decode
+            # of the true latent has no strength to schedule its adversarial term by
+            raise ValueError(f"realism_train_decoder needs --realism-real photo, --realism-adv-schedule flat and a "
+                             f"model with the fast decoder (got {cfg.realism_real!r}, {cfg.realism_adv_schedule!r}; "
+                             f"fast decoder: {'yes' if self.model.decoder is not None else 'none'})")
         self.progress = {"stage": self.stages[0], "step": 0, "seconds": {},
                          "latent_channels": self.model.latent_channels}
         self.disc: UNetFeatureDiscriminator | None = None
