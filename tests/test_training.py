@@ -362,7 +362,7 @@ def test_realism_stage_can_train_the_fast_decoder_with_the_step(data_dir, tmp_pa
                 {"init": str(tmp_path / "no_decoder")}):
         with pytest.raises(ValueError, match="realism_train_decoder"):
             train_mod.train(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), realism_train_decoder=True,
-                                        stages=["latents", "realism"],
+                                        stages=["latents", "realism"], steps={"realism": 1},  # fails fast if not refused
                                         **{"init": cfg.init, "realism_real": "photo", **bad}))
     assert not (tmp_path / "run2").exists()
 
