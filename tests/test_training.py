@@ -338,8 +338,9 @@ def test_realism_stage_can_train_the_fast_decoder_with_the_step(data_dir, tmp_pa
     folder = train_mod.train(cfg)
     done = _stage_done(Path(cfg.out), "realism")
     init = DiffoCodec.from_pretrained(tmp_path / "init")
-    dec_last = [m for m in init.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight
-    assert lasts == [tuple(dec_last.shape)] * 2  # the decoder's last layer, not the step's output latent
+    convs = [m for m in init.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert init.decoder.last_layer is convs[-1].weight
+    assert lasts == [tuple(convs[-1].weight.shape)] * 2  # the decoder's last layer, not the step's output latent
     assert judged[-1] == (4, 3, 64, 64)  # the discriminator's update: the step's decode and the plain one
     assert done["anchor"] > 0 and done["g_plain"] > 0 and done["g_adv"] > done["g_plain"]
     assert losses[-1] == pytest.approx(0.1 * done["mse"] + done["l1"] + done["anchor"] + done["w"] * done["g_adv"]
@@ -349,6 +350,7 @@ def test_realism_stage_can_train_the_fast_decoder_with_the_step(data_dir, tmp_pa
     assert any(not torch.equal(a, b) for a, b in zip(stored(init), stored(trained)))
     card = (folder / "README.md").read_text()
     assert "--realism-train-decoder" in card and "the fast decoder trained with the step" in card
+    assert "gradient at the decoder's last layer" in card
     assert "--realism-train-decoder" not in TrainConfig().command() and "decoder trained" not in TrainConfig().losses()
 
     cfg.realism_train_decoder, cfg.out = False, str(tmp_path / "frozen")  # the option off: the decoder is not trained

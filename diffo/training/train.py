@@ -148,9 +148,9 @@ class TrainConfig:
         mse = "" if self.realism_mse_weight == 1 else f"{self.realism_mse_weight:g}·"
         adaptive = "·adaptive weight" if self.realism_adv_adaptive else ""
         joint = self.realism_train_decoder
-        adaptive_why = (f"; the adaptive weight matches its gradient at the "
-                        f"{'decoder' if joint else 'step'}'s output{' layer' if joint else ''} to the reconstruction "
-                        f"terms'" if self.realism_adv_adaptive else "")
+        where = "the decoder's last layer" if joint else "the step's output"
+        adaptive_why = (f"; the adaptive weight matches its gradient at {where} to the reconstruction terms'"
+                        if self.realism_adv_adaptive else "")
         decoder_too = (" + the fast decoder trained with the step: L1 + MSE of its decode of the true latent against "
                        "the photos, that decode judged by the same discriminator" if joint else "")
         fm = (f" + {self.realism_fm_weight:g}{scale}·feature matching (L1 between its activations on the decoded and "
@@ -430,7 +430,7 @@ class Trainer:
             disc = self.decoder_disc
             disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr["decoder"] / 5, betas=(0.5, 0.999))
             extra = {"decoder_disc": disc_opt}
-            last = [m for m in dec.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight
+            last = dec.last_layer
 
         def step(i, opt, _):
             x = sampler.batch(cfg.decoder_batch).to(self.device) * 2 - 1
@@ -611,8 +611,6 @@ class Trainer:
         gen_params = [p for n, p in den.named_parameters() if cfg.config != "sd" or not n.startswith("unet.")]
         if joint:
             gen_params += list(self.model.decoder.parameters())
-            # the generator's last layer, where the adaptive weight is taken (as in the decoder stage)
-            last = [m for m in self.model.decoder.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight
         for p_ in gen_params:
             p_.requires_grad_(True)
         if self.patch_disc is None:
@@ -665,9 +663,9 @@ class Trainer:
                 fm = fm + fm_plain if fm_on else None
                 stats.update(anchor=anchor.item(), g_plain=g_plain.item())
             weight = cfg.realism_adv_weight * scale
-            if cfg.realism_adv_adaptive:  # at the generator's last tensor: the decoder's last layer, or the
-                # step's output (the one tensor every config trains towards)
-                weight = weight * adaptive_weight(loss, g_adv, last if joint else x0)
+            if cfg.realism_adv_adaptive:  # at the generator's last tensor: the decoder's last layer (as in the
+                # decoder stage), or the step's output (the one tensor every config trains towards)
+                weight = weight * adaptive_weight(loss, g_adv, self.model.decoder.last_layer if joint else x0)
                 stats["w"] = float(weight)
             loss = loss + weight * g_adv
             if fm is not None:  # on the adversarial term's schedule: both pull away from the blurry mean

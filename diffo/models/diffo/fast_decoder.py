@@ -63,6 +63,11 @@ class FastLatentDecoder(ModelMixin, ConfigMixin):
     def scale(self) -> int:
         return 2 ** (len(self.config.channels) - 1) * self.config.shuffle
 
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The last convolution's weight: where the training stages take VQGAN's adaptive weight."""
+        return self.net[-2 if self.config.shuffle > 1 else -1].weight
+
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw latent (the VAE's own units) → image in [-1, 1] (not clamped, like the VAE decoder's sample)."""
         return self.net(raw)
