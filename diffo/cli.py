@@ -330,6 +330,7 @@ def cmd_train(args) -> int:
                       realism_l1_weight=args.realism_l1_weight, realism_fm_weight=args.realism_fm_weight,
                       realism_real=args.realism_real, realism_mse_weight=args.realism_mse_weight,
                       realism_adv_adaptive=args.realism_adv_adaptive, realism_train_decoder=args.realism_train_decoder,
+                      realism_energy_weight=args.realism_energy_weight,
                       realism_adv_schedule=args.realism_adv_schedule, decoder_adv_weight=args.decoder_adv_weight,
                       decoder_fm_weight=args.decoder_fm_weight,
                       latent_channels=args.latent_channels, adv_weight=args.denoiser_adv_weight,
@@ -508,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--realism-fm-weight", type=float, default=0.0,
                    help="realism stage: weight of feature matching, the L1 between the patch discriminator's "
                         "activations on the decoded and the real crops (on the adversarial weight's schedule)")
+    t.add_argument("--realism-energy-weight", type=float, default=0.0,
+                   help="realism stage: weight of the energy score of two decodes of the step from independent "
+                        "starting noises against the real crops, over 8x8 pixel patches (a proper scoring rule: "
+                        "lowest when the step draws the photos' variety given the code, not their mean; no "
+                        "discriminator)")
     t.add_argument("--realism-mse-weight", type=float, default=1.0,
                    help="realism stage: weight of the step's latent MSE against the true latent (lower: less pull "
                         "to the conditional mean)")

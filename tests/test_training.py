@@ -318,6 +318,39 @@ def test_realism_stage_can_weigh_the_latent_mse_and_adapt_the_adversarial_weight
     assert not (tmp_path / "run2").exists()
 
 
+def test_realism_stage_can_add_the_energy_score_of_two_draws(data_dir, tmp_path, monkeypatch):
+    """`--realism-energy-weight W`: the step runs twice per batch from independent starting noises, both decodes
+    (carrying their gradient) are scored against the photo crops by the patch energy score, and W times that score
+    joins the loss; the card records it, and a negative weight is refused by name with nothing written."""
+    from diffo.training import data
+
+    cfg = _photo_realism_cfg(data_dir, tmp_path)
+    cfg.realism_energy_weight = 0.5
+    photos, scored = [], []
+    real_batch, real_score = data.CropSampler.batch, train_mod.patch_energy_score
+    monkeypatch.setattr(data.CropSampler, "batch", lambda self, n: photos.append(real_batch(self, n)) or photos[-1])
+    monkeypatch.setattr(train_mod, "patch_energy_score", lambda a, b, real: scored.append(
+        (a.detach().clone(), b.detach().clone(), real.detach().clone(), a.requires_grad, b.requires_grad))
+        or real_score(a, b, real))
+    losses = _spy_backward(monkeypatch)
+    folder = train_mod.train(cfg)
+    done = _stage_done(Path(cfg.out), "realism")
+    assert len(scored) == 2
+    a, b, real, grad_a, grad_b = scored[-1]
+    assert grad_a and grad_b and a.shape == real.shape == (2, 3, 64, 64)
+    assert not torch.equal(a, b)  # two draws: the second from its own noise
+    assert torch.equal(real.cpu(), photos[-1] * 2 - 1)  # against the photo crops
+    assert done["energy"] > 0 and done["spread"] > 0
+    assert losses[-1] == pytest.approx(done["mse"] + done["l1"] + 0.1 * done["g_adv"] + 0.5 * done["energy"],
+                                       rel=1e-4)
+    card = (folder / "README.md").read_text()
+    assert "--realism-energy-weight 0.5" in card and "0.5·energy score of two decodes" in card
+    assert "energy" not in TrainConfig().losses() and "energy" not in TrainConfig().command()
+    with pytest.raises(ValueError, match="realism_energy_weight"):
+        train_mod.train(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), realism_energy_weight=-1.0))
+    assert not (tmp_path / "run2").exists()
+
+
 def test_realism_stage_can_train_the_fast_decoder_with_the_step(data_dir, tmp_path, monkeypatch):
     """`--realism-train-decoder`: the generator is the step and the fast decoder; the decoder's decode of the true
     latent adds L1 + MSE against the photos and is judged by the discriminator too (its generator term is added to

@@ -43,6 +43,7 @@ from ..models.diffo.latent_codec import MAX_RATE_Q
 from . import checkpoint as ckpt
 from . import entropy_models
 from . import noise_tuning
+from .scoring_rules import patch_energy_score
 from .warm_start import widen_latent
 from .data import CropSampler, LatentCropSampler, list_images, load_centre_crop, load_rgb, split_holdout
 
@@ -98,6 +99,9 @@ class TrainConfig:
     # step's output matched to the reconstruction terms'), as the fast decoder's stage does
     realism_fm_weight: float = 0.0  # feature matching: L1 between the patch discriminator's activations on the
     # decoded and the real crops (on the adversarial term's schedule)
+    realism_energy_weight: float = 0.0  # energy score (training/scoring_rules.py) of two decodes of the step from
+    # independent starting noises against the real crops, over 8x8 pixel patches: a distribution-matching term
+    # whose optimum is the photos' variety given the code, not their mean, and needs no discriminator
     realism_crop: int = 16  # decoded crops of this many latent pixels (of latent_crop) ...
     realism_batch: int = 8  # ... for each item of a batch of this many
     realism_strengths: tuple = (0.1, 0.6)  # strength drawn uniformly in this range for every batch
@@ -127,7 +131,8 @@ class TrainConfig:
                 f"--realism-l1-weight {c.realism_l1_weight:g} --realism-fm-weight {c.realism_fm_weight:g} "
                 f"--realism-mse-weight {c.realism_mse_weight:g} "
                 + ("--realism-adv-adaptive " if c.realism_adv_adaptive else "")
-                + ("--realism-train-decoder " if c.realism_train_decoder else "") +
+                + ("--realism-train-decoder " if c.realism_train_decoder else "")
+                + (f"--realism-energy-weight {c.realism_energy_weight:g} " if c.realism_energy_weight else "") +
                 f"--realism-real {c.realism_real} "
                 f"--realism-adv-schedule {c.realism_adv_schedule} --decoder-adv-weight {c.decoder_adv_weight:g} "
                 f"--decoder-fm-weight {c.decoder_fm_weight:g} --denoiser-adv-weight {c.adv_weight:g} "
@@ -155,6 +160,8 @@ class TrainConfig:
                        "the photos, that decode judged by the same discriminator" if joint else "")
         fm = (f" + {self.realism_fm_weight:g}{scale}·feature matching (L1 between its activations on the decoded and "
               f"the real crops)" if self.realism_fm_weight else "")
+        energy = (f" + {self.realism_energy_weight:g}·energy score of two decodes from independent starting noises "
+                  f"against the real crops, over 8x8 patches" if self.realism_energy_weight else "")
         parts = {
             "vae": "VAE L1 + MSE + 1e-4·KL",
             "codec": f"latent codec bits per pixel + λ·MSE (λ {self.lambda_min:g} at rate level 0 to "
@@ -168,7 +175,7 @@ class TrainConfig:
             "decoder": f"fast decoder: L1 + MSE against the photos from the frozen VAE encoder's latents{dec_adv}",
             "realism": f"realism: {mse}latent MSE + {self.realism_l1_weight:g}·L1 "
                        f"of decoded crops against the real crops + {self.realism_adv_weight:g}{scale}{adaptive}·pixel "
-                       f"patch discriminator (non-saturating; real crops: {real}{adaptive_why}){fm}{decoder_too}, "
+                       f"patch discriminator (non-saturating; real crops: {real}{adaptive_why}){fm}{energy}{decoder_too}, "
                        f"strength uniform "
                        f"in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]",
         }
@@ -217,9 +224,9 @@ class Trainer:
                              f"{cfg.decoder_fm_weight!r} and {cfg.decoder_adv_weight!r})")
         if cfg.realism_fm_weight < 0:
             raise ValueError(f"realism_fm_weight must be >= 0 (got {cfg.realism_fm_weight!r})")
-        if cfg.realism_mse_weight < 0 or cfg.realism_l1_weight < 0:
-            raise ValueError(f"realism_mse_weight and realism_l1_weight must be >= 0 (got {cfg.realism_mse_weight!r} "
-                             f"and {cfg.realism_l1_weight!r})")
+        if min(cfg.realism_mse_weight, cfg.realism_l1_weight, cfg.realism_energy_weight) < 0:
+            raise ValueError(f"realism_mse_weight, realism_l1_weight and realism_energy_weight must be >= 0 (got "
+                             f"{cfg.realism_mse_weight!r}, {cfg.realism_l1_weight!r} and {cfg.realism_energy_weight!r})")
         if cfg.realism_adv_adaptive and (cfg.mixed_precision == "fp16"
                                          or not (cfg.realism_mse_weight or cfg.realism_l1_weight)):
             # the adaptive weight is a ratio to the reconstruction terms' gradient (and fp16 may underflow it)
@@ -671,6 +678,12 @@ class Trainer:
             if fm is not None:  # on the adversarial term's schedule: both pull away from the blurry mean
                 loss = loss + cfg.realism_fm_weight * scale * fm
                 stats["fm"] = fm.item()
+            if cfg.realism_energy_weight:  # a second draw of the step from its own noise, decoded the same way
+                with self.acc.autocast():
+                    fake_b = decode(crop(den(c_hat, t, torch.randn_like(z)))).float()
+                energy, spread = patch_energy_score(fake, fake_b, real)
+                loss = loss + cfg.realism_energy_weight * energy
+                stats.update(energy=energy.item(), spread=spread.item())
             opt.zero_grad(set_to_none=True)
             self.acc.backward(loss)
             torch.nn.utils.clip_grad_norm_(gen_params, 1.0)
