@@ -347,7 +347,9 @@ def test_realism_stage_can_add_the_energy_score_of_two_draws(data_dir, tmp_path,
     assert "--realism-energy-weight 0.5" in card and "0.5·energy score of two decodes" in card
     assert "energy" not in TrainConfig().losses() and "energy" not in TrainConfig().command()
     with pytest.raises(ValueError, match="realism_energy_weight"):
-        train_mod.train(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), realism_energy_weight=-1.0))
+        train_mod.train(TrainConfig(data=[str(data_dir)], out=str(tmp_path / "run2"), init=cfg.init,
+                                    stages=["latents", "realism"], steps={"realism": 1},  # fails fast if not refused
+                                    realism_energy_weight=-1.0))
     assert not (tmp_path / "run2").exists()
 
 

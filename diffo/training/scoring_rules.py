@@ -1,10 +1,12 @@
 """The energy score (Gneiting & Raftery 2007), a distribution-matching loss without a discriminator.
 
 For a generator that draws samples X, X' of a photo y (here: the one step from two independent starting
-noises, decoded), ES = E‖X − y‖ − ½ E‖X − X'‖ is a proper scoring rule: in expectation it is lowest only when X
-follows the photos' own distribution given the code. L1 and MSE are lowest at the median and mean, the blur a
+noises, decoded), ES = E‖X − y‖ − ½ E‖X − X'‖ is a proper scoring rule: in expectation it is lowest only when
+X follows the photos' own distribution given the code. L1 and MSE are lowest at the median and mean, the blur a
 deterministic step learns; the energy score instead rewards drawing texture that varies as the photos do, and
-being unbiased with two samples it needs no adversary that can win or stall.
+being unbiased with two samples it needs no adversary that can win or stall. Its known weakness, in high
+dimensions, is that it weighs how far the draws spread more than how their values co-vary: in experiment P
+(docs/results/realism_experiments.md) the step learnt to spread as far as it erred, with diagonal hatching.
 """
 
 from __future__ import annotations

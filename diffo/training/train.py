@@ -175,9 +175,9 @@ class TrainConfig:
             "decoder": f"fast decoder: L1 + MSE against the photos from the frozen VAE encoder's latents{dec_adv}",
             "realism": f"realism: {mse}latent MSE + {self.realism_l1_weight:g}·L1 "
                        f"of decoded crops against the real crops + {self.realism_adv_weight:g}{scale}{adaptive}·pixel "
-                       f"patch discriminator (non-saturating; real crops: {real}{adaptive_why}){fm}{energy}{decoder_too}, "
-                       f"strength uniform "
-                       f"in [{self.realism_strengths[0]:g}, {self.realism_strengths[1]:g}]",
+                       f"patch discriminator (non-saturating; real crops: {real}{adaptive_why}){fm}{energy}"
+                       f"{decoder_too}, strength uniform in [{self.realism_strengths[0]:g}, "
+                       f"{self.realism_strengths[1]:g}]",
         }
         return "; ".join(v for k, v in parts.items() if stages is None or k in stages)
 
@@ -226,7 +226,8 @@ class Trainer:
             raise ValueError(f"realism_fm_weight must be >= 0 (got {cfg.realism_fm_weight!r})")
         if min(cfg.realism_mse_weight, cfg.realism_l1_weight, cfg.realism_energy_weight) < 0:
             raise ValueError(f"realism_mse_weight, realism_l1_weight and realism_energy_weight must be >= 0 (got "
-                             f"{cfg.realism_mse_weight!r}, {cfg.realism_l1_weight!r} and {cfg.realism_energy_weight!r})")
+                             f"{cfg.realism_mse_weight!r}, {cfg.realism_l1_weight!r} and "
+                             f"{cfg.realism_energy_weight!r})")
         if cfg.realism_adv_adaptive and (cfg.mixed_precision == "fp16"
                                          or not (cfg.realism_mse_weight or cfg.realism_l1_weight)):
             # the adaptive weight is a ratio to the reconstruction terms' gradient (and fp16 may underflow it)
@@ -606,7 +607,9 @@ class Trainer:
         with `realism_real="photo"` the photo crop itself; fake: the decoded output), plus latent MSE and the
         decoded crops' L1 against the same real crops. For the 'sd' config the UNet stays
         frozen (only the control module trains), as in the denoiser stage. With `realism_train_decoder` the fast
-        decoder trains too, on both the step's output and the true latent (see TrainConfig)."""
+        decoder trains too, on both the step's output and the true latent (see TrainConfig); with
+        `realism_energy_weight` a second draw of the step, from its own noise, is decoded and the two draws are
+        scored against the real crops by the energy score."""
         cfg = self.cfg
         sampler = photos = None  # latent crops from the cache, or photo crops encoded on the fly
         if cfg.realism_real == "photo":
